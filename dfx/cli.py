@@ -1,0 +1,222 @@
+"""The ``dfx`` command line: parse, call one engine function, print.
+
+``--json`` prints exactly one JSON object on stdout (also on failure: ``{"error", "exit_code"}``);
+progress and logs go to stderr. Exit codes: 0 success, 1 a run that failed, 2 bad usage or recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import dfx
+from dfx.errors import DfxError
+
+app = typer.Typer(
+    name="dfx",
+    help="Efficient vision transformers for dense prediction: train, evaluate and benchmark from YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console()
+err = Console(stderr=True)
+
+JSON_HELP = "Print exactly one JSON object on stdout; logs go to stderr."
+DEBUG_HELP = "Show the full traceback on errors."
+DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"dfx {dfx.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """dfx: H-DETR, GeminiFusion, Expedit token clustering and manifold distillation in one toolkit."""
+
+
+def _one_line(error: BaseException) -> str:
+    """The user-facing line of an error (data-loader workers wrap errors in a traceback text)."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if last.startswith(("dfx.errors.", "UsageError", "RunError")) else last
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run(work: Callable[[], dict], *, json_out: bool, debug: bool, show: Callable[[dict], None]) -> None:
+    """Call ``work`` and print its result; turn errors into a line and an exit code."""
+    try:
+        result = work()
+    except DfxError as e:
+        if debug:
+            traceback.print_exc()
+        code, message = e.exit_code, _one_line(e)
+    except KeyboardInterrupt:
+        code, message = 130, "interrupted"
+    except Exception as e:  # a bug or an unexpected library error
+        if debug:
+            traceback.print_exc()
+        if "dfx.errors.UsageError" in str(e):  # raised in a data-loader worker, re-raised wrapped
+            code, message = 2, _one_line(e)
+        else:
+            hint = "" if debug else " (run with --debug for the traceback)"
+            code, message = 1, f"{type(e).__name__}: {_one_line(e)}{hint}"
+    else:
+        if _is_main_process():
+            if json_out:
+                print(json.dumps(result, default=str))
+            else:
+                show(result)
+        return
+    if _is_main_process():
+        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        if json_out:
+            print(json.dumps({"error": message, "exit_code": code}))
+    raise typer.Exit(code)
+
+
+def _metrics_table(title: str, metrics: dict) -> Table:
+    table = Table(title=title, show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+def _resume_flag(argv: list[str]) -> list[str]:
+    """``--resume`` takes an optional RUN: bare ``--resume`` means the latest run of the recipe."""
+    fixed = []
+    for i, arg in enumerate(argv):
+        if arg == "--resume":
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            if (following is None or following.startswith("-") or following.endswith((".yaml", ".yml"))
+                    or ("=" in following and not Path(following).exists())):
+                arg = "--resume=latest"
+        fixed.append(arg)
+    return fixed
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file, e.g. recipes/cls-shapes.yaml."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides: section.key=value ..."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<task>/<recipe>[-N])."),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="[RUN]",
+                                         help="Continue the latest run of this recipe, or RUN, from its last checkpoint."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Launch N processes on this node with torchrun."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Train a model from a YAML recipe."""
+    overrides = overrides or []
+    if nproc_per_node > 1 and "RANK" not in os.environ and not dry_run:
+        from dfx.engine.distributed import launch
+
+        argv = sys.argv[1:]
+        drop = {"--nproc-per-node"}
+        rest = [a for i, a in enumerate(argv) if a not in drop and not a.startswith("--nproc-per-node=")
+                and (i == 0 or argv[i - 1] not in drop)]
+        raise typer.Exit(launch(nproc_per_node, rest))
+
+    def work() -> dict:
+        if dry_run:
+            from dfx.engine.trainer import resolve_run
+
+            resolved, _ = resolve_run(recipe, overrides, resume)
+            return resolved.to_dict()
+        from dfx.engine import train as train_recipe
+
+        return train_recipe(recipe, overrides, out=out_dir, resume=resume, device=device, quiet=quiet)
+
+    def show(result: dict) -> None:
+        if dry_run:
+            import yaml
+
+            out.print(yaml.safe_dump(result, sort_keys=False), end="", highlight=False)
+            return
+        out.print(f"run directory: {result['run_dir']}  ({result['epochs']} epochs, {result['elapsed_s']:.0f} s)")
+        out.print(_metrics_table("final metrics", result["metrics"]))
+        if result["best"]:
+            out.print(f"best (epoch {result['best']['epoch']}) saved as checkpoints/best.safetensors")
+
+    run(work, json_out=json_out, debug=debug, show=show)
+
+
+@app.command("eval")
+def eval_(
+    run_or_checkpoint: Path = typer.Argument(..., metavar="RUN_DIR|CHECKPOINT", help="A run directory or a .safetensors checkpoint."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, e.g. data.root=path/to/data."),
+    data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this data (sets data.root)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Evaluate a trained run (best checkpoint) or a checkpoint file on validation data."""
+    extra = list(overrides or []) + ([f"data.root={data}"] if data else [])
+
+    def work() -> dict:
+        from dfx.engine import evaluate_checkpoint
+
+        return evaluate_checkpoint(run_or_checkpoint, extra, device=device)
+
+    def show(result: dict) -> None:
+        out.print(_metrics_table(f"{result['checkpoint']} (epoch {result['epoch']})", result["metrics"]))
+
+    run(work, json_out=json_out, debug=debug, show=show)
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("vit_base_patch16_224", "--model", help="timm model name or alias, recipe, run dir or checkpoint."),
+    batch: int = typer.Option(1, "--batch", help="Batch size."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size (default: the model's)."),
+    warmup: int = typer.Option(5, "--warmup", help="Unmeasured passes first."),
+    repeats: int = typer.Option(20, "--repeats", help="Measured passes."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Measure inference latency, throughput, parameters, GFLOPs and peak memory."""
+
+    def work() -> dict:
+        from dfx.bench import bench as run_bench
+
+        return run_bench(model, batch=batch, image_size=image_size, warmup=warmup, repeats=repeats,
+                         device=device, dtype=dtype)
+
+    def show(result: dict) -> None:
+        out.print(_metrics_table(f"{result['model']} @ {result['image_size']}px, batch {result['batch']}", result))
+
+    run(work, json_out=json_out, debug=debug, show=show)
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *_resume_flag(sys.argv[1:])]
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Progress display: rich bars on a terminal, plain periodic lines otherwise (logs, CI)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def _fmt(values: dict) -> str:
+    return " ".join(f"{k} {v:.4g}" for k, v in values.items())
+
+
+class EpochProgress:
+    """One bar (or a few lines) per epoch, showing step, it/s, ETA, loss and lr.
+
+    ``enabled=False`` (non-zero ranks, ``--quiet``) shows nothing.
+    """
+
+    def __init__(self, enabled: bool = True, log_every: int = 20, console: Console | None = None):
+        self.enabled = enabled
+        self.console = console or Console(stderr=True)
+        self.tty = self.console.is_terminal and sys.stderr.isatty()
+        self.log_every = max(1, log_every)
+        self._bar = None
+
+    def start(self, epoch: int, epochs: int, steps: int) -> None:
+        self.epoch, self.epochs, self.steps = epoch, epochs, steps
+        self.t0 = time.perf_counter()
+        if not self.enabled or not self.tty:
+            return
+        self._bar = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            console=self.console, transient=False,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task("train", total=steps, epoch=f"{epoch}/{epochs}", rate="", info="")
+
+    def step(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = step / elapsed if elapsed > 0 else 0.0
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, rate=f"{rate:.1f} it/s", info=_fmt(values))
+        elif step % self.log_every == 0 or step == self.steps:
+            eta = (self.steps - step) / rate if rate > 0 else 0.0
+            self.console.print(
+                f"epoch {self.epoch}/{self.epochs} step {step}/{self.steps} {_fmt(values)} "
+                f"{rate:.2f} it/s eta {eta:.0f}s", highlight=False, soft_wrap=True,
+            )
+
+    def end(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message, highlight=False, soft_wrap=True)

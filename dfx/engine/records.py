@@ -1,0 +1,69 @@
+"""Per-epoch records of a run: ``metrics.jsonl``, ``results.csv`` and ``results.png``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_rows(run_dir: Path, rows: list[dict]) -> None:
+    """Rewrite metrics.jsonl and results.csv from ``rows`` (one dict per epoch)."""
+    run_dir = Path(run_dir)
+    _replace_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    _replace_text(run_dir / "results.csv", buf.getvalue())
+
+
+def plot(run_dir: Path, rows: list[dict]) -> None:
+    """results.png: training loss, validation metrics and learning rate against epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    val_keys = sorted({k for r in rows for k in r if k.startswith("val/")})
+    panels = [("train/loss", "train loss")] + [(k, k) for k in val_keys] + [("lr", "learning rate")]
+    cols = min(4, len(panels))
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        pts = [(e, r[key]) for e, r in zip(epochs, rows) if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", markersize=3)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = Path(run_dir) / f".results.png.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, Path(run_dir) / "results.png")

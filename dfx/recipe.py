@@ -1,0 +1,332 @@
+"""Recipes: YAML files that describe one experiment, as data only.
+
+A recipe has five top-level sections: ``task``, ``model``, ``data``, ``train``, ``eval``.
+
+- ``_base_:`` (a path or a list of paths, relative to the file) names parent recipes; they are
+  deep-merged in order, then the file's own keys on top (mappings merge, everything else replaces).
+- Command-line overrides ``a.b.c=value`` are applied last; ``value`` is parsed as YAML.
+- The merged mapping is validated against the task's typed sections (dataclasses): unknown keys
+  fail with a did-you-mean, wrong types name the key and the expected type.
+
+Nothing in a recipe is executed: YAML is read with ``yaml.safe_load`` and only plain values are
+accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import importlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from dfx.errors import UsageError
+
+SECTIONS = ("task", "model", "data", "train", "eval")
+
+# Task name -> module defining it. A plain table, read lazily: importing dfx registers nothing.
+TASK_MODULES = {
+    "classification": "dfx.tasks.classification",
+}
+
+
+@dataclass
+class TrainConfig:
+    """The ``train`` section shared by every task.
+
+    ``batch_size`` is the *global* batch over all processes, so a recipe means the same
+    optimisation whatever the number of GPUs; each process takes ``batch_size / world_size``.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.9
+    scheduler: Literal["cosine", "step", "multistep", "poly", "constant"] = "cosine"
+    warmup_epochs: float = 0.0
+    warmup_steps: int = 0
+    warmup_lr: float = 1e-6
+    min_lr: float = 0.0
+    decay_epochs: float = 30.0
+    milestones: list[int] = field(default_factory=list)
+    decay_rate: float = 0.1
+    grad_clip: Union[float, None] = None
+    amp: Union[bool, Literal["bf16", "fp16"]] = False
+    ema: bool = False
+    ema_decay: float = 0.9998
+    seed: int = 0
+    num_workers: int = 2
+    log_every: int = 20
+
+
+@dataclass
+class EvalConfig:
+    """The ``eval`` section: when to evaluate and which metric picks the ``best`` checkpoint."""
+
+    every: int = 1
+    batch_size: int = 128
+    metric: str = "top1"
+    mode: Literal["max", "min"] = "max"
+
+
+@dataclass
+class Recipe:
+    """A validated recipe. ``model``/``data``/``train``/``eval`` are the task's dataclasses."""
+
+    task: str
+    model: Any
+    data: Any
+    train: Any
+    eval: Any
+    name: str = "recipe"  # file stem; names the run directory
+    source: Union[str, None] = None  # file the recipe was read from, if any
+
+    def to_dict(self) -> dict:
+        """The recipe as plain data (what ``recipe.yaml`` in a run directory holds)."""
+        return {s: (getattr(self, s) if s == "task" else dataclasses.asdict(getattr(self, s))) for s in SECTIONS}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def task_module(task: str):
+    """The module that defines ``task`` (its config dataclasses and builders)."""
+    if task not in TASK_MODULES:
+        raise UsageError(f"task: unknown task {task!r}{_suggest(task, TASK_MODULES)}; known tasks: {', '.join(TASK_MODULES)}")
+    return importlib.import_module(TASK_MODULES[task])
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading YAML with `_base_` inheritance
+
+
+def read_yaml(path: Path) -> dict:
+    """Read one YAML mapping; errors name the file (and line for syntax errors)."""
+    if not path.is_file():
+        raise UsageError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UsageError(f"{where}: YAML syntax error: {e.problem or e}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path}: YAML error: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """Merge ``top`` into a copy of ``base``: mappings merge key by key, other values replace."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read ``path`` and its ``_base_`` parents into one merged mapping."""
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise UsageError(f"_base_ cycle: {chain}")
+    data = read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise UsageError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        merged = deep_merge(merged, load_tree(path.parent / base, (*_seen, path)))
+    return deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UsageError(f"override {text!r} is not of the form section.key=value (e.g. train.epochs=20)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # an unparsable value is taken as the literal string; validation decides
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    out = copy.deepcopy(tree)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise UsageError(f"override {text!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation against typed dataclasses
+
+
+def _suggest(name: str, candidates) -> str:
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"a list of {_type_name(inner)}"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise _Mismatch. ``key`` is the dotted path."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except (_Mismatch, UsageError):
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
+            return value
+        raise _Mismatch
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        raise _Mismatch
+    if origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return copy.deepcopy(value)
+        raise _Mismatch
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return build_section(tp, value, key)
+        raise _Mismatch
+    raise TypeError(f"unsupported recipe field type {tp!r} at {key}")
+
+
+def build_section(cls, data: dict, prefix: str):
+    """Instantiate dataclass ``cls`` from ``data``, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}"
+        if key not in fields:
+            known = ", ".join(fields)
+            raise UsageError(f"unknown recipe key {path}{_suggest(key, fields)}; keys of {prefix}: {known}")
+        try:
+            kwargs[key] = _coerce(value, hints[key], path)
+        except _Mismatch:
+            hint = hints[key]
+            options = [a for a in typing.get_args(hint) if isinstance(a, str)] if typing.get_origin(hint) is Literal else []
+            suggestion = _suggest(value, options) if isinstance(value, str) else ""
+            raise UsageError(f"{path}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})"
+                             f"{suggestion}") from None
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise UsageError(f"{prefix}: {e}") from None
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check(prefix)
+    return obj
+
+
+def build_recipe(tree: dict, name: str = "recipe", source: str | None = None) -> Recipe:
+    """Validate a merged mapping and return a :class:`Recipe`."""
+    unknown = [k for k in tree if k not in SECTIONS]
+    if unknown:
+        key = unknown[0]
+        raise UsageError(f"unknown recipe section {key!r}{_suggest(key, SECTIONS)}; sections: {', '.join(SECTIONS)}")
+    task = tree.get("task")
+    if not isinstance(task, str):
+        raise UsageError(f"task: expected a task name ({', '.join(TASK_MODULES)}), got {task!r}")
+    module = task_module(task)
+    sections = {}
+    for section in ("model", "data", "train", "eval"):
+        value = tree.get(section) or {}
+        if not isinstance(value, dict):
+            raise UsageError(f"{section}: expected a mapping, got {value!r}")
+        sections[section] = build_section(module.SECTIONS[section], value, section)
+    return Recipe(task=task, name=name, source=source, **sections)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file (with ``_base_`` parents), apply overrides and validate it."""
+    path = Path(path)
+    tree = apply_overrides(load_tree(path), list(overrides))
+    return build_recipe(tree, name=path.stem, source=str(path))
+
+
+def recipe_from_json(text: str, name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Rebuild a recipe stored as JSON (e.g. in checkpoint metadata)."""
+    return build_recipe(apply_overrides(json.loads(text), list(overrides)), name=name)

@@ -1,0 +1,166 @@
+"""Image classification: a timm model on an ImageFolder tree (or the embedded ``shapes-cls``).
+
+Recipe sections: ``model`` (:class:`ModelConfig`), ``data`` (:class:`DataConfig`),
+``train`` (:class:`TrainConfig`), ``eval`` (:class:`dfx.recipe.EvalConfig`, metric ``top1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+
+from dfx import hub
+from dfx.data.classification import image_folder
+from dfx.data.embedded import embedded_root, is_embedded
+from dfx.errors import UsageError
+from dfx.recipe import EvalConfig
+from dfx.recipe import TrainConfig as BaseTrainConfig
+
+
+@dataclass
+class ModelConfig:
+    """A timm model. ``kwargs`` go to ``timm.create_model`` (e.g. depth, embed_dim, img_size)."""
+
+    name: str = "vit_tiny_patch16_224"
+    pretrained: Union[str, None] = None  # weight spec for dfx.hub (file, hf://, timm name, alias)
+    drop_path_rate: float = 0.0
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """ImageFolder data and timm transforms. ``root`` is a folder or an embedded dataset name."""
+
+    root: str = "shapes-cls"
+    image_size: int = 32
+    scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
+    hflip: float = 0.5
+    color_jitter: float = 0.0
+    auto_augment: Union[str, None] = None  # timm policy string, e.g. "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.0  # random erasing probability
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    def validate(self, prefix: str) -> None:
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise UsageError(f"{prefix}.scale: expected [min, max] with 0 < min <= max <= 1, got {self.scale}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise UsageError(f"{prefix}.mean/std: expected three values (RGB)")
+
+
+@dataclass
+class TrainConfig(BaseTrainConfig):
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # mixup alpha (0 = off)
+    cutmix: float = 0.0  # cutmix alpha (0 = off)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def data_root(root: str) -> Path:
+    return embedded_root(root) if is_embedded(root) else Path(root).expanduser()
+
+
+def transforms(data: DataConfig, training: bool):
+    from timm.data import create_transform
+
+    common = dict(interpolation=data.interpolation, mean=tuple(data.mean), std=tuple(data.std))
+    if not training:
+        return create_transform(data.image_size, is_training=False, crop_pct=data.crop_pct, **common)
+    return create_transform(
+        data.image_size, is_training=True, scale=tuple(data.scale), hflip=data.hflip,
+        color_jitter=data.color_jitter, auto_augment=data.auto_augment, re_prob=data.reprob, **common,
+    )
+
+
+class Task:
+    """Builders and per-batch logic for classification; the engine owns the loop."""
+
+    best_metric = "top1"
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+        self.classes: list[str] | None = None
+        self.mixup = None
+
+    # data ---------------------------------------------------------------------------------
+    def dataset(self, split: str):
+        data = self.recipe.data
+        root = data_root(data.root)
+        if self.classes is None:
+            self.classes = image_folder(root, "train").classes
+        return image_folder(root, split, transforms(data, split == "train"), classes=self.classes)
+
+    collate_fn = None
+
+    # model --------------------------------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        if self.classes is None:
+            self.dataset("val")
+        m = self.recipe.model
+        kwargs = dict(m.kwargs)
+        kwargs.setdefault("num_classes", len(self.classes))
+        if m.drop_path_rate:
+            kwargs["drop_path_rate"] = m.drop_path_rate
+        try:
+            return hub.create_timm_model(m.name, pretrained=m.pretrained, **kwargs)
+        except TypeError as e:
+            raise UsageError(f"model.kwargs: {e}") from None
+
+    def info(self) -> dict:
+        """What a checkpoint should remember besides the recipe."""
+        return {"classes": self.classes}
+
+    # training -----------------------------------------------------------------------------
+    def loss(self, model, batch) -> tuple[torch.Tensor, dict]:
+        images, labels = batch
+        t = self.recipe.train
+        if (t.mixup or t.cutmix) and self.mixup is None:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
+                               num_classes=len(self.classes))
+        if self.mixup is not None:
+            images, soft = self.mixup(images, labels)
+            loss = torch.sum(-soft * F.log_softmax(model(images), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(model(images), labels, label_smoothing=t.label_smoothing)
+        return loss, {}
+
+    def evaluator(self) -> "Evaluator":
+        return Evaluator()
+
+
+class Evaluator:
+    """Top-1 / top-5 accuracy and mean cross-entropy; state is a few sums (cheap to gather)."""
+
+    def __init__(self):
+        self.sums = {"n": 0, "top1": 0, "top5": 0, "loss": 0.0}
+
+    @torch.no_grad()
+    def update(self, model, batch) -> None:
+        images, labels = batch
+        logits = model(images).float()
+        k = min(5, logits.shape[-1])
+        topk = logits.topk(k, dim=-1).indices
+        hits = topk == labels[:, None]
+        self.sums["n"] += len(labels)
+        self.sums["top1"] += int(hits[:, 0].sum())
+        self.sums["top5"] += int(hits.any(dim=-1).sum())
+        self.sums["loss"] += float(F.cross_entropy(logits, labels, reduction="sum"))
+
+    def state(self) -> dict:
+        return dict(self.sums)
+
+    @staticmethod
+    def summarize(states: list[dict]) -> dict:
+        total = {key: sum(s[key] for s in states) for key in states[0]}
+        n = max(total["n"], 1)
+        return {"top1": total["top1"] / n, "top5": total["top5"] / n, "loss": total["loss"] / n}

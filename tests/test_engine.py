@@ -1,0 +1,141 @@
+"""The training engine: run directories, checkpoints, bitwise resume, evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dfx.engine import evaluate_checkpoint, train
+from dfx.engine.checkpoint import load_state, read_metadata
+from dfx.errors import RunError, UsageError
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / "checkpoints" / "last.safetensors"))
+
+
+def test_train_writes_a_complete_run_directory(tiny_recipe):
+    result = train(tiny_recipe, quiet=True)
+    run = Path(result["run_dir"])
+    assert run == Path("runs/classification/tiny")
+    for name in ("recipe.yaml", "metrics.jsonl", "results.csv", "results.png", "checkpoints/last.safetensors",
+                 "checkpoints/best.safetensors", "checkpoints/last.state.pt"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert set(result["metrics"]) == {"top1", "top5", "loss"}
+    assert 0.0 <= result["metrics"]["top1"] <= 1.0 and result["metrics"]["top5"] >= result["metrics"]["top1"]
+    assert result["metrics"]["top1"] == rows[-1]["val/top1"]
+    best_epoch = max(rows, key=lambda r: r["val/top1"])["epoch"]  # first epoch reaching the max
+    assert result["best"]["epoch"] == best_epoch
+    header = (run / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "train/loss", "lr", "val/top1"} <= set(header)
+    meta = read_metadata(run / "checkpoints" / "last.safetensors")
+    assert meta["task"] == "classification" and meta["epoch"] == 2 and meta["recipe"]["train"]["epochs"] == 2
+    # a second run of the same recipe gets its own directory
+    assert Path(train(tiny_recipe, ["train.epochs=1"], quiet=True)["run_dir"]).name == "tiny-2"
+
+
+def test_same_seed_same_weights_and_resume_is_bitwise(tiny_recipe, tmp_path):
+    full = train(tiny_recipe, ["train.epochs=3"], out=tmp_path / "full", quiet=True)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first_epoch(epoch, **_):
+        if epoch == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(tiny_recipe, ["train.epochs=3"], out=tmp_path / "cut", quiet=True, callbacks=[crash_after_first_epoch])
+    assert load_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")["epoch"] == 1
+    resumed = train(tiny_recipe, resume=tmp_path / "cut", quiet=True)
+    assert resumed["run_dir"] == str(tmp_path / "cut")
+    a, b = weights(full["run_dir"]), weights(resumed["run_dir"])
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert resumed["metrics"] == full["metrics"]
+
+
+def test_resume_latest_finds_the_newest_run_and_can_extend_epochs(tiny_recipe):
+    train(tiny_recipe, ["train.epochs=1"], quiet=True)
+    result = train(tiny_recipe, ["train.epochs=2"], resume="latest", quiet=True)
+    assert result["run_dir"] == "runs/classification/tiny"
+    assert load_state(Path(result["run_dir"]) / "checkpoints" / "last.state.pt")["epoch"] == 2
+
+
+def test_resume_without_a_run_is_a_usage_error(tiny_recipe):
+    with pytest.raises(UsageError, match="no run of recipe 'tiny'"):
+        train(tiny_recipe, resume="latest", quiet=True)
+
+
+def test_out_dir_that_is_not_empty_is_refused_and_untouched(tiny_recipe, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="already exists and is not empty"):
+        train(tiny_recipe, out=out, quiet=True)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_eval_reproduces_the_training_metrics(tiny_recipe):
+    result = train(tiny_recipe, quiet=True)
+    evaluated = evaluate_checkpoint(result["run_dir"], device="cpu")
+    assert evaluated["checkpoint"].endswith("best.safetensors")
+    best = {k: v for k, v in result["best"].items() if k != "epoch"}
+    assert evaluated["metrics"] == pytest.approx(best)
+    # a bare checkpoint file works too (its metadata carries the recipe)
+    last = evaluate_checkpoint(Path(result["run_dir"]) / "checkpoints" / "last.safetensors", device="cpu")
+    assert last["metrics"] == pytest.approx(result["metrics"])
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_lost(tiny_recipe):
+    result = train(tiny_recipe, ["train.epochs=1"], quiet=True)
+    run = Path(result["run_dir"])
+    best = run / "checkpoints" / "best.safetensors"
+    best.write_bytes(best.read_bytes()[:100])  # truncated
+    before = sorted(p.name for p in run.rglob("*"))
+    with pytest.raises(RunError, match=r"cannot read checkpoint .*best\.safetensors"):
+        evaluate_checkpoint(run, device="cpu")
+    state = run / "checkpoints" / "last.state.pt"
+    state.write_bytes(b"garbage")
+    with pytest.raises(RunError, match=r"cannot read training state .*last\.state\.pt"):
+        train(tiny_recipe, resume=run, quiet=True)
+    assert sorted(p.name for p in run.rglob("*")) == before
+
+
+def test_unreadable_image_is_named(tiny_recipe, tiny_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    bad = data / "train" / "circle" / "00000.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(UsageError, match=r"cannot read image .*circle/00000\.png"):
+        train(tiny_recipe, [f"data.root={data}"], quiet=True)
+
+
+def test_missing_data_root_and_cuda_without_gpu(tiny_recipe, tmp_path):
+    with pytest.raises(UsageError, match=r"data\.root: .*nowhere/train does not exist"):
+        train(tiny_recipe, [f"data.root={tmp_path / 'nowhere'}"], quiet=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA GPU is available"):
+            train(tiny_recipe, device="cuda", quiet=True)
+    assert not Path("runs").exists() or not any(Path("runs").rglob("last.safetensors"))
+
+
+def test_ema_and_sgd_step_schedule_run(tiny_recipe):
+    result = train(tiny_recipe, ["train.ema=true", "train.ema_decay=0.5", "train.optimizer=sgd",
+                                 "train.scheduler=step", "train.decay_epochs=1", "train.epochs=2"], quiet=True)
+    state = load_state(Path(result["run_dir"]) / "checkpoints" / "last.state.pt")
+    assert "ema" in state
+    # step schedule: lr after 2 epochs is lr * decay_rate^2 (no warmup)
+    rows = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lr"] == pytest.approx(1e-4) and rows[1]["lr"] == pytest.approx(1e-5)
