@@ -18,7 +18,8 @@ from dfx.engine import distributed as D
 from dfx.errors import UsageError
 
 
-def build_bench_model(spec: str, device: torch.device) -> tuple[torch.nn.Module, str, int | None]:
+def build_bench_model(spec: str, device: torch.device, image_size: int | None = None
+                      ) -> tuple[torch.nn.Module, str, int | None]:
     """(model, description, native image size) from a run dir, checkpoint, recipe file or timm name."""
     path = Path(spec)
     if path.is_dir() or path.suffix == ".safetensors":
@@ -38,7 +39,10 @@ def build_bench_model(spec: str, device: torch.device) -> tuple[torch.nn.Module,
 
     name = ALIASES.get(spec, spec)
     try:
-        model = timm.create_model(name, pretrained=False)
+        try:  # ViT-style models are built for the benchmarked size (position embeddings)
+            model = timm.create_model(name, pretrained=False, **({"img_size": image_size} if image_size else {}))
+        except TypeError:  # CNNs take any size and have no img_size argument
+            model = timm.create_model(name, pretrained=False)
     except RuntimeError as e:
         raise UsageError(f"--model {spec!r}: not a run directory, checkpoint, recipe or timm model ({e})") from None
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
@@ -95,7 +99,7 @@ def bench(model: str = "vit_base_patch16_224", batch: int = 1, image_size: int |
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(dtypes)}")
-    net, name, native = build_bench_model(model, dev)
+    net, name, native = build_bench_model(model, dev, image_size)
     size = image_size or native or 224
     net = net.to(dtypes[dtype])
     images = torch.randn(batch, 3, size, size, device=dev, dtype=dtypes[dtype])
@@ -104,7 +108,7 @@ def bench(model: str = "vit_base_patch16_224", batch: int = 1, image_size: int |
     try:
         flops = count_flops(net, images[:1])
         times = time_forward(net, images, warmup, repeats)
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError) as e:
         raise UsageError(f"--image-size {size}: the model cannot run on {size}x{size} inputs "
                          f"({str(e).splitlines()[0]})") from None
     return {

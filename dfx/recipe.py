@@ -141,6 +141,8 @@ def deep_merge(base: dict, top: dict) -> dict:
 
 def load_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """Read ``path`` and its ``_base_`` parents into one merged mapping."""
+    if not Path(path).is_file():
+        raise UsageError(f"recipe file not found: {path}")
     path = Path(path).resolve()
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))

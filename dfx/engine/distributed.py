@@ -111,5 +111,6 @@ def all_reduce_mean(values: dict[str, float], ctx: Context) -> dict[str, float]:
 
 def launch(nproc: int, argv: list[str]) -> int:
     """Re-run ``dfx <argv>`` under torchrun with ``nproc`` processes on this node; its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "dfx", *argv]
+    # --standalone: a local rendezvous on a free port, so parallel jobs on one machine do not collide
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "dfx", *argv]
     return subprocess.call(cmd)
