@@ -50,10 +50,21 @@ def build_bench_model(spec: str, device: torch.device, image_size: int | None = 
 
 
 def count_flops(model: torch.nn.Module, example: torch.Tensor) -> float:
-    """Forward FLOPs for ``example`` (1 multiply-add = 2 FLOPs)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Forward FLOPs for ``example`` (1 multiply-add = 2 FLOPs).
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    torch's counter knows the CUDA fused-attention kernels but not the CPU one, which would make
+    attention free on CPU; it is counted with the same formula as its CUDA sibling.
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    aten = torch.ops.aten
+    extra = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        extra[aten._scaled_dot_product_flash_attention_for_cpu] = cpu_attention
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=extra) as counter:
         model(example)
     return float(counter.get_total_flops())
 

@@ -29,11 +29,10 @@ import yaml
 
 from dfx.errors import UsageError
 
-SECTIONS = ("task", "model", "data", "train", "eval")
-
 # Task name -> module defining it. A plain table, read lazily: importing dfx registers nothing.
 TASK_MODULES = {
     "classification": "dfx.tasks.classification",
+    "distillation": "dfx.tasks.distillation",
 }
 
 
@@ -78,21 +77,28 @@ class EvalConfig:
     mode: Literal["max", "min"] = "max"
 
 
-@dataclass
 class Recipe:
-    """A validated recipe. ``model``/``data``/``train``/``eval`` are the task's dataclasses."""
+    """A validated recipe: ``task`` plus one dataclass per section (``recipe.train.lr``).
 
-    task: str
-    model: Any
-    data: Any
-    train: Any
-    eval: Any
-    name: str = "recipe"  # file stem; names the run directory
-    source: Union[str, None] = None  # file the recipe was read from, if any
+    Every task has ``model``, ``data``, ``train`` and ``eval``; a task may add sections of its
+    own (e.g. ``distill``) by listing them in its ``SECTIONS``.
+    """
+
+    def __init__(self, task: str, sections: dict, name: str = "recipe", source: str | None = None):
+        self.task = task
+        self.sections = sections
+        self.name = name  # file stem; names the run directory
+        self.source = source  # file the recipe was read from, if any
+
+    def __getattr__(self, section: str):
+        sections = self.__dict__.get("sections", {})
+        if section in sections:
+            return sections[section]
+        raise AttributeError(f"recipe has no section {section!r}")
 
     def to_dict(self) -> dict:
         """The recipe as plain data (what ``recipe.yaml`` in a run directory holds)."""
-        return {s: (getattr(self, s) if s == "task" else dataclasses.asdict(getattr(self, s))) for s in SECTIONS}
+        return {"task": self.task, **{k: dataclasses.asdict(v) for k, v in self.sections.items()}}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -305,21 +311,27 @@ def build_section(cls, data: dict, prefix: str):
 
 def build_recipe(tree: dict, name: str = "recipe", source: str | None = None) -> Recipe:
     """Validate a merged mapping and return a :class:`Recipe`."""
-    unknown = [k for k in tree if k not in SECTIONS]
-    if unknown:
-        key = unknown[0]
-        raise UsageError(f"unknown recipe section {key!r}{_suggest(key, SECTIONS)}; sections: {', '.join(SECTIONS)}")
     task = tree.get("task")
     if not isinstance(task, str):
         raise UsageError(f"task: expected a task name ({', '.join(TASK_MODULES)}), got {task!r}")
     module = task_module(task)
+    allowed = ("task", *module.SECTIONS)
+    unknown = [k for k in tree if k not in allowed]
+    if unknown:
+        key = unknown[0]
+        raise UsageError(f"unknown recipe section {key!r}{_suggest(key, allowed)}; sections of a {task} recipe: "
+                         f"{', '.join(allowed)}")
     sections = {}
-    for section in ("model", "data", "train", "eval"):
+    for section, cls in module.SECTIONS.items():
         value = tree.get(section) or {}
         if not isinstance(value, dict):
             raise UsageError(f"{section}: expected a mapping, got {value!r}")
-        sections[section] = build_section(module.SECTIONS[section], value, section)
-    return Recipe(task=task, name=name, source=source, **sections)
+        sections[section] = build_section(cls, value, section)
+    recipe = Recipe(task=task, sections=sections, name=name, source=source)
+    check = getattr(module, "validate_recipe", None)
+    if check is not None:  # cross-section checks, e.g. layer pairs against the models
+        check(recipe)
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -100,3 +100,18 @@ def test_bench_reports_latency_flops_and_memory():
     linear = 2 * 17 * 12 * (192 * 576 + 192 * 192 + 2 * 192 * 768) / 1e9
     assert linear < report["gflops"] < linear * 1.1
     assert report["latency_p90_ms"] >= report["latency_ms"] > 0
+
+
+def test_flop_count_includes_fused_cpu_attention():
+    import timm
+    import torch
+
+    from dfx.bench import count_flops
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2).eval()
+    fused = count_flops(model, torch.randn(1, 3, 64, 64))
+    for block in model.blocks:
+        block.attn.fused_attn = False  # explicit matmuls, which every counter sees
+    assert fused == count_flops(model, torch.randn(1, 3, 64, 64))
+    # attention: 2 matmuls of 17x17x192 per block, 2 FLOPs per multiply-add
+    assert fused - 2 * 17 * 2 * (192 * 576 + 192 * 192 + 2 * 192 * 768) >= 2 * 2 * 2 * 17 * 17 * 192

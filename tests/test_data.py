@@ -12,7 +12,7 @@ from dfx.data.cache import MANIFEST, ensure_dataset, tree_checksum, verify
 from dfx.data.classification import image_folder
 from dfx.data.embedded import generate_shapes_cls
 from dfx.data.seeded import SeededDataset
-from dfx.data.shapes import SHAPES
+from dfx.data.shapes import CLS_SHAPES
 from dfx.errors import UsageError
 
 
@@ -23,7 +23,7 @@ def test_shapes_cls_is_deterministic_and_varied(tmp_path):
     generate_shapes_cls(c, seed=1, train_per_class=3, val_per_class=2)
     assert tree_checksum(a) == tree_checksum(b)
     assert tree_checksum(a)[0] != tree_checksum(c)[0]
-    assert tree_checksum(a)[1] == len(SHAPES) * 5
+    assert tree_checksum(a)[1] == len(CLS_SHAPES) * 5
     images = [np.asarray(Image.open(p)) for p in sorted((a / "train").rglob("*.png"))]
     assert all(im.shape == (32, 32, 3) for im in images)
     # no two images alike, and not flat colour

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from dfx.data.cache import ensure_dataset
-from dfx.data.shapes import SHAPES, contrasting_colour, draw_shape, textured_background
+from dfx.data.shapes import CLS_SHAPES, contrasting_colour, draw_shape, textured_background
 
 SHAPES_CLS_VERSION = 1
 
@@ -20,27 +20,27 @@ def generate_shapes_cls(folder: Path, seed: int = 0, train_per_class: int = 600,
                         size: int = 32) -> dict:
     """Write an ImageFolder tree ``folder/{train,val}/<shape>/<index>.png`` of one-shape images.
 
-    Each image: a textured background and one shape of random colour, size (25-45% of the
+    Each image: a textured background and one shape of random colour, size (30-45% of the
     image side as circumradius), position and rotation. Drawn at 2x and downsampled so edges
     are anti-aliased. Train and val use disjoint random streams.
     """
     scale = 2
     for split, per_class, split_seed in (("train", train_per_class, seed), ("val", val_per_class, seed + 1)):
         rng = np.random.default_rng([SHAPES_CLS_VERSION, split_seed])
-        for label, kind in enumerate(SHAPES):
+        for label, kind in enumerate(CLS_SHAPES):
             out = folder / split / kind
             out.mkdir(parents=True, exist_ok=True)
             for index in range(per_class):
                 big = size * scale
                 background = textured_background(rng, big, big)
                 image = Image.fromarray(background)
-                radius = rng.uniform(0.25, 0.45) * big
+                radius = rng.uniform(0.3, 0.45) * big
                 margin = radius * 0.9
                 cx, cy = rng.uniform(margin, big - margin, size=2)
                 angle = rng.uniform(0, 2 * np.pi)
                 draw_shape(image, kind, cx, cy, radius, angle, contrasting_colour(rng, background))
                 image.resize((size, size), Image.LANCZOS).save(out / f"{index:05d}.png", optimize=False)
-    return {"classes": list(SHAPES), "train_per_class": train_per_class, "val_per_class": val_per_class,
+    return {"classes": list(CLS_SHAPES), "train_per_class": train_per_class, "val_per_class": val_per_class,
             "size": size, "seed": seed}
 
 

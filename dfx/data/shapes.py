@@ -11,6 +11,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon")
+# the classification set: silhouettes that stay distinct at 32x32 (a hexagon looks round there)
+CLS_SHAPES = ("circle", "square", "triangle", "star", "cross")
 
 
 def shape_polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
@@ -44,7 +46,9 @@ def textured_background(rng: np.random.Generator, height: int, width: int) -> np
     """A uint8 [H, W, 3] background: gradient, stripes, blotches or checkers, plus noise."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     base = rng.uniform(40, 215, size=3)
-    other = rng.uniform(40, 215, size=3)
+    # the texture's second colour stays near the first: the background is busy, but the shape on
+    # top of it (contrasting_colour) remains the strongest edge in the image
+    other = np.clip(base + rng.uniform(-45, 45, size=3), 0, 255)
     kind = rng.integers(4)
     if kind == 0:  # linear gradient
         theta = rng.uniform(0, 2 * math.pi)
@@ -65,7 +69,7 @@ def textured_background(rng: np.random.Generator, height: int, width: int) -> np
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def contrasting_colour(rng: np.random.Generator, background: np.ndarray, min_distance: float = 90.0) -> tuple:
+def contrasting_colour(rng: np.random.Generator, background: np.ndarray, min_distance: float = 120.0) -> tuple:
     """A random RGB colour at least ``min_distance`` (Euclidean) from the background's mean."""
     mean = background.reshape(-1, 3).mean(0)
     for _ in range(100):
