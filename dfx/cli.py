@@ -213,6 +213,66 @@ def bench(
     run(work, json_out=json_out, debug=debug, show=show)
 
 
+def _fetch_hub_teacher(recipe: Path, overrides: list[str], teacher: Optional[str]) -> None:
+    """Fetch an alias or hf:// teacher before the training stack is imported (torchvision and timm
+    take seconds to import), so a machine without network or cached weights fails in seconds."""
+    from dfx import hub
+    from dfx.recipe import apply_overrides, load_tree
+
+    section = apply_overrides(load_tree(recipe), overrides).get("distill")
+    spec = teacher or (section.get("teacher") if isinstance(section, dict) else None)
+    if isinstance(spec, str) and (spec in hub.ALIASES or spec.startswith("hf://")):
+        hub.resolve(spec)
+
+
+@app.command()
+def distill(
+    recipe: Optional[Path] = typer.Argument(None, help="Distillation recipe (default recipes/distill-shapes.yaml)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides: section.key=value ..."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", metavar="NAME|PATH|RUN_DIR",
+                                          help="Teacher: alias (deit-b, cait-s24), timm name, hf://org/repo, "
+                                               "weights file or dfx run directory (sets distill.teacher)."),
+    student: Optional[str] = typer.Option(None, "--student", metavar="NAME",
+                                          help="Student timm model name (sets model.name)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/distillation/<recipe>[-N])."),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="[RUN]",
+                                         help="Continue the latest run of this recipe, or RUN, from its last checkpoint."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Distil a teacher ViT into a smaller student with KD and manifold relation losses."""
+    overrides = list(overrides or [])
+    if recipe is not None and "=" in str(recipe) and not recipe.is_file():  # no RECIPE given, only overrides
+        overrides.insert(0, str(recipe))
+        recipe = None
+
+    def work() -> dict:
+        if not (dry_run or resume):
+            _fetch_hub_teacher(recipe or Path("recipes/distill-shapes.yaml"), overrides, teacher)
+        from dfx.tasks.distillation import DEFAULT_RECIPE
+        from dfx.tasks.distillation import distill as run_distill
+
+        return run_distill(recipe or DEFAULT_RECIPE, overrides, teacher=teacher, student=student, out=out_dir,
+                           resume=resume, device=device, quiet=quiet, dry_run=dry_run)
+
+    def show(result: dict) -> None:
+        if dry_run:
+            import yaml
+
+            out.print(yaml.safe_dump(result, sort_keys=False), end="", highlight=False)
+            return
+        out.print(f"run directory: {result['run_dir']}  (teacher {result['teacher']}, {result['epochs']} epochs, "
+                  f"{result['elapsed_s']:.0f} s)")
+        out.print(_metrics_table("student, final metrics", result["metrics"]))
+        if result["best"]:
+            out.print(f"best (epoch {result['best']['epoch']}) saved as checkpoints/best.safetensors")
+
+    run(work, json_out=json_out, debug=debug, show=show)
+
+
 def main() -> None:
     sys.argv = [sys.argv[0], *_resume_flag(sys.argv[1:])]
     app()

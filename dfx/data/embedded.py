@@ -13,7 +13,7 @@ from PIL import Image
 from dfx.data.cache import ensure_dataset
 from dfx.data.shapes import CLS_SHAPES, contrasting_colour, draw_shape, textured_background
 
-SHAPES_CLS_VERSION = 1
+SHAPES_CLS_VERSION = 2
 
 
 def generate_shapes_cls(folder: Path, seed: int = 0, train_per_class: int = 600, val_per_class: int = 150,
