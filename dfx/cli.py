@@ -234,9 +234,10 @@ def distill(
                                                "weights file or dfx run directory (sets distill.teacher)."),
     student: Optional[str] = typer.Option(None, "--student", metavar="NAME",
                                           help="Student timm model name (sets model.name)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/distillation/<recipe>[-N])."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/distillation/<recipe>)."),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="[RUN]",
-                                         help="Continue the latest run of this recipe, or RUN, from its last checkpoint."),
+                                         help="Continue the latest run of this recipe, or RUN, from its last "
+                                              "checkpoint."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
@@ -248,15 +249,15 @@ def distill(
     if recipe is not None and "=" in str(recipe) and not recipe.is_file():  # no RECIPE given, only overrides
         overrides.insert(0, str(recipe))
         recipe = None
+    recipe = recipe or Path("recipes/distill-shapes.yaml")  # runs anywhere: embedded data, a teacher made in minutes
 
     def work() -> dict:
         if not (dry_run or resume):
-            _fetch_hub_teacher(recipe or Path("recipes/distill-shapes.yaml"), overrides, teacher)
-        from dfx.tasks.distillation import DEFAULT_RECIPE
+            _fetch_hub_teacher(recipe, overrides, teacher)
         from dfx.tasks.distillation import distill as run_distill
 
-        return run_distill(recipe or DEFAULT_RECIPE, overrides, teacher=teacher, student=student, out=out_dir,
-                           resume=resume, device=device, quiet=quiet, dry_run=dry_run)
+        return run_distill(recipe, overrides, teacher=teacher, student=student, out=out_dir, resume=resume,
+                           device=device, quiet=quiet, dry_run=dry_run)
 
     def show(result: dict) -> None:
         if dry_run:
@@ -274,6 +275,9 @@ def distill(
 
 
 def main() -> None:
+    # Idle OpenMP threads sleep instead of spinning: on small or shared machines (and next to
+    # data-loader workers) spinning threads stall every kernel. Must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.argv = [sys.argv[0], *_resume_flag(sys.argv[1:])]
     app()
 

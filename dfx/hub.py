@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import torch
-
 from dfx.errors import RunError, UsageError
 
 ALIASES = {
@@ -165,11 +163,13 @@ def resolve(spec: str | os.PathLike) -> Path:
     )
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike) -> dict:
     """Read a state dict from safetensors, or from a torch file with ``weights_only=True``.
 
     Torch files that wrap the weights (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
     """
+    import torch  # imported here: resolving a spec (and failing fast offline) needs no torch
+
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -188,7 +188,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def create_timm_model(name: str, pretrained: str | None = None, **kwargs) -> torch.nn.Module:
+def create_timm_model(name: str, pretrained: str | None = None, **kwargs):
     """``timm.create_model`` with weights resolved through :func:`resolve`.
 
     ``pretrained`` is any weight spec; ``"timm"`` (or ``True``) means the weights timm names for

@@ -21,7 +21,8 @@ def generate_shapes_cls(folder: Path, seed: int = 0, train_per_class: int = 600,
     """Write an ImageFolder tree ``folder/{train,val}/<shape>/<index>.png`` of one-shape images.
 
     Each image: a textured background and one shape of random colour, size (30-45% of the
-    image side as circumradius), position and rotation. Drawn at 2x and downsampled so edges
+    image side as circumradius), position (centre +-12% of the side) and
+    rotation (+-22.5 degrees). Drawn at 2x and downsampled so edges
     are anti-aliased. Train and val use disjoint random streams.
     """
     scale = 2
@@ -32,13 +33,14 @@ def generate_shapes_cls(folder: Path, seed: int = 0, train_per_class: int = 600,
             out.mkdir(parents=True, exist_ok=True)
             for index in range(per_class):
                 big = size * scale
-                background = textured_background(rng, big, big)
+                background = textured_background(rng, big, big, brightness=(20, 140))
                 image = Image.fromarray(background)
                 radius = rng.uniform(0.3, 0.45) * big
-                margin = radius * 0.9
-                cx, cy = rng.uniform(margin, big - margin, size=2)
-                angle = rng.uniform(0, 2 * np.pi)
-                draw_shape(image, kind, cx, cy, radius, angle, contrasting_colour(rng, background))
+                # positions vary around the centre (up to 12% of the side): enough to need some
+                # translation invariance, little enough that a small ViT learns it in minutes
+                cx, cy = big / 2 + rng.uniform(-0.12, 0.12, size=2) * big
+                angle = rng.uniform(-np.pi / 8, np.pi / 8)  # tilted up to 22.5 degrees either way
+                draw_shape(image, kind, cx, cy, radius, angle, contrasting_colour(rng, background, brighter_by=60))
                 image.resize((size, size), Image.LANCZOS).save(out / f"{index:05d}.png", optimize=False)
     return {"classes": list(CLS_SHAPES), "train_per_class": train_per_class, "val_per_class": val_per_class,
             "size": size, "seed": seed}

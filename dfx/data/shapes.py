@@ -42,10 +42,14 @@ def shape_polygon(kind: str, cx: float, cy: float, radius: float, angle: float) 
     ]
 
 
-def textured_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A uint8 [H, W, 3] background: gradient, stripes, blotches or checkers, plus noise."""
+def textured_background(rng: np.random.Generator, height: int, width: int,
+                        brightness: tuple[float, float] = (40, 215)) -> np.ndarray:
+    """A uint8 [H, W, 3] background: gradient, stripes, blotches or checkers, plus noise.
+
+    ``brightness``: range of the base colour's channel values.
+    """
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = rng.uniform(40, 215, size=3)
+    base = rng.uniform(*brightness, size=3)
     # the texture's second colour stays near the first: the background is busy, but the shape on
     # top of it (contrasting_colour) remains the strongest edge in the image
     other = np.clip(base + rng.uniform(-45, 45, size=3), 0, 255)
@@ -69,13 +73,24 @@ def textured_background(rng: np.random.Generator, height: int, width: int) -> np
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def contrasting_colour(rng: np.random.Generator, background: np.ndarray, min_distance: float = 120.0) -> tuple:
-    """A random RGB colour at least ``min_distance`` (Euclidean) from the background's mean."""
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def contrasting_colour(rng: np.random.Generator, background: np.ndarray, min_distance: float = 120.0,
+                       brighter_by: float | None = None) -> tuple:
+    """A random RGB colour at least ``min_distance`` (Euclidean) from the background's mean.
+
+    ``brighter_by``: also require the colour's luminance to exceed the background's by this much,
+    so every shape stands out with the same polarity whatever its hue.
+    """
     mean = background.reshape(-1, 3).mean(0)
-    for _ in range(100):
+    for _ in range(200):
         colour = rng.integers(0, 256, size=3)
-        if np.linalg.norm(colour - mean) >= min_distance:
-            break
+        if np.linalg.norm(colour - mean) < min_distance:
+            continue
+        if brighter_by is not None and LUMA @ colour < LUMA @ mean + brighter_by:
+            continue
+        break
     return tuple(int(c) for c in colour)
 
 

@@ -37,7 +37,11 @@ def load_model(path: str | Path, overrides: Iterable[str] = (), device: str | to
     if meta.get("format") != "dfx" or not isinstance(meta.get("recipe"), dict):
         raise RunError(f"{file}: not a dfx checkpoint (no recipe in its metadata); "
                        "use the run directory it came from or a file written by `dfx train`")
-    recipe: Recipe = build_recipe(apply_overrides(meta["recipe"], list(overrides)), name=str(meta.get("name", "run")))
+    tree = meta["recipe"]
+    if tree.get("model", {}).get("pretrained"):
+        # every weight is in the checkpoint: do not fetch the starting weights again (offline-safe)
+        tree = apply_overrides(tree, ["model.pretrained=null"])
+    recipe: Recipe = build_recipe(apply_overrides(tree, list(overrides)), name=str(meta.get("name", "run")))
     task = task_module(recipe.task).Task(recipe)
     info = meta.get("info") or {}
     if "classes" in info:

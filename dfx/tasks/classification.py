@@ -119,8 +119,8 @@ class Task:
         return {"classes": self.classes}
 
     # training -----------------------------------------------------------------------------
-    def loss(self, model, batch) -> tuple[torch.Tensor, dict]:
-        images, labels = batch
+    def targets(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, targets): Mixup/CutMix (soft [B, K]), label smoothing (soft) or the labels [B]."""
         t = self.recipe.train
         if (t.mixup or t.cutmix) and self.mixup is None:
             from timm.data import Mixup
@@ -128,11 +128,18 @@ class Task:
             self.mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
                                num_classes=len(self.classes))
         if self.mixup is not None:
-            images, soft = self.mixup(images, labels)
-            loss = torch.sum(-soft * F.log_softmax(model(images), dim=-1), dim=-1).mean()
-        else:
-            loss = F.cross_entropy(model(images), labels, label_smoothing=t.label_smoothing)
-        return loss, {}
+            return self.mixup(images, labels)
+        if t.label_smoothing:
+            from timm.data.mixup import one_hot
+
+            off = t.label_smoothing / len(self.classes)
+            return images, one_hot(labels, len(self.classes), on_value=1.0 - t.label_smoothing + off, off_value=off)
+        return images, labels
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, dict]:
+        images, target = self.targets(*batch)
+        # cross_entropy takes class indices or soft [B, K] targets alike
+        return F.cross_entropy(model(images), target), {}
 
     def evaluator(self) -> "Evaluator":
         return Evaluator()
