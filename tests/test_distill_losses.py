@@ -380,3 +380,18 @@ def test_student_teacher_step_end_to_end():
     assert math.isfinite(total.item()) and parts["manifold"].item() > 0
     assert student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_layer_pairs_batched_equal_one_call_per_pair():
+    """distillation_loss stacks equally shaped layer pairs into one call; same numbers as pair by pair."""
+    torch.manual_seed(0)
+    students = [torch.randn(3, 5, 6, dtype=torch.float64) for _ in range(3)]
+    teachers = [torch.randn(3, 5, 9, dtype=torch.float64) for _ in range(3)]
+    logits, teacher_logits = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    _, parts = distillation_loss(logits, teacher_logits, torch.tensor([0, 1, 2]), students, teachers, k=7,
+                                 generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    pairs = [manifold_losses(s, t, 7, generator=generator) for s, t in zip(students, teachers)]
+    for name in ("patch", "sample", "rand"):
+        expected = sum(p[name] for p in pairs) / 3
+        assert torch.allclose(parts[name], expected, rtol=1e-12, atol=1e-14), name

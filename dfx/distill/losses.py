@@ -62,9 +62,19 @@ def manifold_losses(f_s: Tensor, f_t: Tensor, k: int, generator: torch.Generator
                  the same tokens for student and teacher.
     """
     _check_features(f_s, f_t)
+    return _stacked_relation_losses(f_s[None], f_t[None], k, generator)
+
+
+def _stacked_relation_losses(f_s: Tensor, f_t: Tensor, k: int, generator: torch.Generator | None) -> dict[str, Tensor]:
+    """:func:`manifold_losses` for L layer pairs at once: f_s [L, B, N, Cs], f_t [L, B, N, Ct].
+
+    Returns each term's mean over the L pairs. Equal to averaging L separate calls (the random
+    tokens are drawn layer by layer from ``generator`` in the same order), but with one batched
+    matmul per relation instead of L: at distillation sizes the cost is per operation, not per FLOP.
+    """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1 (tokens for the random relation), got {k!r}")
-    batch, tokens = f_s.shape[:2]
+    layers, batch, tokens = f_s.shape[:3]
 
     # Relations of unit vectors are small differences of sums of many products: bfloat16/float16
     # would drown them in rounding, so compute in (at least) float32 with autocast switched off.
@@ -73,13 +83,15 @@ def manifold_losses(f_s: Tensor, f_t: Tensor, k: int, generator: torch.Generator
         student = F.normalize(f_s.to(dtype), dim=-1)
         teacher = F.normalize(f_t.detach().to(dtype), dim=-1)
 
-        patch = _relation_mse(student, teacher)
-        sample = _relation_mse(student.transpose(0, 1), teacher.transpose(0, 1))
+        patch = _relation_mse(student.flatten(0, 1), teacher.flatten(0, 1))
+        sample = _relation_mse(student.transpose(1, 2).flatten(0, 1), teacher.transpose(1, 2).flatten(0, 1))
 
         # Draw on the generator's device (randperm requires it), then move to the features.
         draw_device = generator.device if generator is not None else f_s.device
-        picked = torch.randperm(batch * tokens, generator=generator, device=draw_device)[:k].to(f_s.device)
-        rand = _relation_mse(student.flatten(0, 1)[picked], teacher.flatten(0, 1)[picked])
+        picked = torch.stack([torch.randperm(batch * tokens, generator=generator, device=draw_device)[:k]
+                              for _ in range(layers)]).to(f_s.device)
+        rows = torch.arange(layers, device=f_s.device)[:, None]
+        rand = _relation_mse(student.flatten(1, 2)[rows, picked], teacher.flatten(1, 2)[rows, picked])
     return {"patch": patch, "sample": sample, "rand": rand}
 
 
@@ -185,11 +197,17 @@ def distillation_loss(
     else:
         kd_loss = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1))
 
-    per_layer = [manifold_losses(f_s, f_t, k, generator=generator) for f_s, f_t in zip(student_feats, teacher_feats)]
-    relation_terms = {
-        name: torch.stack([losses[name] for losses in per_layer]).mean() if per_layer else ce.new_zeros(())
-        for name in ("patch", "sample", "rand")
-    }
+    if not student_feats:
+        relation_terms = {name: ce.new_zeros(()) for name in ("patch", "sample", "rand")}
+    else:
+        for f_s, f_t in zip(student_feats, teacher_feats):
+            _check_features(f_s, f_t)
+        if len({f.shape for f in student_feats}) == 1 and len({f.shape for f in teacher_feats}) == 1:
+            relation_terms = _stacked_relation_losses(torch.stack(student_feats), torch.stack(teacher_feats), k,
+                                                      generator)
+        else:  # layers of different widths (e.g. a hierarchical student): one pair at a time
+            per_layer = [manifold_losses(f_s, f_t, k, generator) for f_s, f_t in zip(student_feats, teacher_feats)]
+            relation_terms = {name: torch.stack([p[name] for p in per_layer]).mean() for name in per_layer[0]}
     manifold = (
         w_sample * relation_terms["sample"] + w_patch * relation_terms["patch"] + w_rand * relation_terms["rand"]
     )
