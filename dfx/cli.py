@@ -34,6 +34,8 @@ err = Console(stderr=True)
 JSON_HELP = "Print exactly one JSON object on stdout; logs go to stderr."
 DEBUG_HELP = "Show the full traceback on errors."
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+CLUSTER_RATIO_HELP = "Expedit token clustering: share of the patch tokens kept after block L, in (0, 1]."
+ALPHA_HELP = "Blocks run at full resolution before clustering, 1..depth (default 40% of the depth)."
 
 
 def _version(value: bool) -> None:
@@ -195,6 +197,10 @@ def bench(
     warmup: int = typer.Option(5, "--warmup", help="Unmeasured passes first."),
     repeats: int = typer.Option(20, "--repeats", help="Measured passes."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    cluster_ratio: Optional[float] = typer.Option(None, "--cluster-ratio", metavar="R",
+                                                  help=CLUSTER_RATIO_HELP + " Measures baseline and clustered side by "
+                                                       "side."),
+    alpha: Optional[int] = typer.Option(None, "--alpha", metavar="L", help=ALPHA_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
@@ -205,10 +211,79 @@ def bench(
         from dfx.bench import bench as run_bench
 
         return run_bench(model, batch=batch, image_size=image_size, warmup=warmup, repeats=repeats,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, cluster_ratio=cluster_ratio, alpha=alpha)
 
     def show(result: dict) -> None:
-        out.print(_metrics_table(f"{result['model']} @ {result['image_size']}px, batch {result['batch']}", result))
+        title = f"{result['model']} @ {result['image_size']}px, batch {result['batch']}"
+        if "clustered" in result:
+            out.print(_side_by_side(f"{title}, cluster ratio {result['settings']['cluster_ratio']}", result,
+                                    ("latency_ms", "throughput", "gflops", "peak_mem_mb")))
+            out.print(f"speedup {result['speedup']:.3f}x, FLOPs ratio {result['flops_ratio']:.3f}x, efficiency "
+                      f"{result['efficiency']:.3f}; clustering + reconstruction take "
+                      f"{100 * result['cluster_share']:.1f}% of the clustered latency", highlight=False)
+            return
+        out.print(_metrics_table(title, result))
+
+    run(work, json_out=json_out, debug=debug, show=show)
+
+
+def _side_by_side(title: str, result: dict, keys) -> Table:
+    table = Table(title=title, show_header=True)
+    table.add_column("")
+    table.add_column("baseline", justify="right")
+    table.add_column("clustered", justify="right")
+    for key in keys:
+        if key in result["baseline"]:
+            table.add_row(key, *(f"{result[side][key]:.4g}" for side in ("baseline", "clustered")))
+    return table
+
+
+@app.command()
+def cluster(
+    model: str = typer.Option(..., "--model", metavar="NAME|RUN_DIR",
+                              help="A dfx run directory or checkpoint (trained), or a timm ViT name (random weights)."),
+    cluster_ratio: float = typer.Option(0.5, "--cluster-ratio", metavar="R", help=CLUSTER_RATIO_HELP),
+    alpha: Optional[int] = typer.Option(None, "--alpha", metavar="L", help=ALPHA_HELP),
+    data: Optional[str] = typer.Option(None, "--data", help="Data root or embedded dataset (default: the run's "
+                                                            "validation data; shapes-seg for a timm name)."),
+    images: int = typer.Option(8, "--images", help="Validation images the feature fidelity is measured on."),
+    batch: int = typer.Option(1, "--batch", help="Batch size of the latency measurement."),
+    warmup: int = typer.Option(2, "--warmup", help="Unmeasured passes of each model first."),
+    repeats: int = typer.Option(10, "--repeats", help="Measured passes of each model (alternating)."),
+    window: int = typer.Option(5, "--window", help="Clustering window (odd; at most the clustered grid's side)."),
+    iters: int = typer.Option(5, "--iters", help="Clustering iterations."),
+    temperature: float = typer.Option(0.02, "--temperature", help="Clustering and reconstruction temperature."),
+    k: int = typer.Option(20, "--k", help="Clusters each token is reconstructed from."),
+    no_metric: bool = typer.Option(False, "--no-metric", help="Skip the task metric on the validation split."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Accelerate a ViT with Expedit token clustering (no training) and measure what changes."""
+
+    def work() -> dict:
+        from dfx.cluster.evaluate import cluster_report
+
+        return cluster_report(model, cluster_ratio=cluster_ratio, alpha=alpha, data=data, images=images, batch=batch,
+                              warmup=warmup, repeats=repeats, device=device, iters=iters, temperature=temperature,
+                              window=window, k=k, metric=not no_metric)
+
+    def show(result: dict) -> None:
+        settings = result["settings"]
+        title = (f"{result['model']} @ {result['image_size']}px: {result['grid'][0]}x{result['grid'][1]} -> "
+                 f"{result['clustered_grid'][0]}x{result['clustered_grid'][1]} tokens after block "
+                 f"{settings['alpha']} of {settings['depth']}")
+        keys = ["latency_ms", "gflops"] + ([result["metric"]] if "metric" in result else [])
+        out.print(_side_by_side(title, result, keys))
+        fidelity = result["fidelity"]
+        out.print(f"speedup {result['speedup']:.3f}x (FLOPs ratio {result['flops_ratio']:.3f}x); feature cosine "
+                  f"similarity mean {fidelity['cosine_mean']:.4f}, min {fidelity['cosine_min']:.4f} over "
+                  f"{fidelity['tokens']} tokens ({result['weights']} weights)", highlight=False)
+        assignment = result["assignment"]
+        out.print(f"assignment sharpness {assignment['sharpness']:.3g} (temperature {settings['temperature']} x squared "
+                  f"token-centre distance {assignment['distance']:.3g}; well below 1: blurred)", highlight=False)
+        if "metric" in result:
+            out.print(f"{result['metric']} drop: {result['metric_drop']:.2f} points", highlight=False)
 
     run(work, json_out=json_out, debug=debug, show=show)
 

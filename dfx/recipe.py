@@ -33,6 +33,7 @@ from dfx.errors import UsageError
 TASK_MODULES = {
     "classification": "dfx.tasks.classification",
     "distillation": "dfx.tasks.distillation",
+    "segmentation": "dfx.tasks.segmentation",
 }
 
 
