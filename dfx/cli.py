@@ -104,6 +104,19 @@ def _metrics_table(title: str, metrics: dict) -> Table:
     return table
 
 
+def _show_run(result: dict, dry_run: bool, detail: str = "") -> None:
+    """Human output of train/distill: the resolved recipe (dry run) or the run's summary."""
+    if dry_run:
+        import yaml
+
+        out.print(yaml.safe_dump(result, sort_keys=False), end="", highlight=False)
+        return
+    out.print(f"run directory: {result['run_dir']}  ({detail}{result['epochs']} epochs, {result['elapsed_s']:.0f} s)")
+    out.print(_metrics_table("final metrics", result["metrics"]))
+    if result["best"]:
+        out.print(f"best (epoch {result['best']['epoch']}) saved as checkpoints/best.safetensors")
+
+
 def _resume_flag(argv: list[str]) -> list[str]:
     """``--resume`` takes an optional RUN: bare ``--resume`` means the latest run of the recipe."""
     fixed = []
@@ -152,18 +165,7 @@ def train(
 
         return train_recipe(recipe, overrides, out=out_dir, resume=resume, device=device, quiet=quiet)
 
-    def show(result: dict) -> None:
-        if dry_run:
-            import yaml
-
-            out.print(yaml.safe_dump(result, sort_keys=False), end="", highlight=False)
-            return
-        out.print(f"run directory: {result['run_dir']}  ({result['epochs']} epochs, {result['elapsed_s']:.0f} s)")
-        out.print(_metrics_table("final metrics", result["metrics"]))
-        if result["best"]:
-            out.print(f"best (epoch {result['best']['epoch']}) saved as checkpoints/best.safetensors")
-
-    run(work, json_out=json_out, debug=debug, show=show)
+    run(work, json_out=json_out, debug=debug, show=lambda result: _show_run(result, dry_run))
 
 
 @app.command("eval")
@@ -334,19 +336,8 @@ def distill(
         return run_distill(recipe, overrides, teacher=teacher, student=student, out=out_dir, resume=resume,
                            device=device, quiet=quiet, dry_run=dry_run)
 
-    def show(result: dict) -> None:
-        if dry_run:
-            import yaml
-
-            out.print(yaml.safe_dump(result, sort_keys=False), end="", highlight=False)
-            return
-        out.print(f"run directory: {result['run_dir']}  (teacher {result['teacher']}, {result['epochs']} epochs, "
-                  f"{result['elapsed_s']:.0f} s)")
-        out.print(_metrics_table("student, final metrics", result["metrics"]))
-        if result["best"]:
-            out.print(f"best (epoch {result['best']['epoch']}) saved as checkpoints/best.safetensors")
-
-    run(work, json_out=json_out, debug=debug, show=show)
+    run(work, json_out=json_out, debug=debug,
+        show=lambda result: _show_run(result, dry_run, f"teacher {result.get('teacher')}, "))
 
 
 def main() -> None:
