@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 import dfx
-from dfx.errors import DfxError
+from dfx.errors import DfxError, UsageError
 
 app = typer.Typer(
     name="dfx",
@@ -254,7 +254,9 @@ def cluster(
     repeats: int = typer.Option(10, "--repeats", help="Measured passes of each model (alternating)."),
     window: int = typer.Option(5, "--window", help="Clustering window (odd; at most the clustered grid's side)."),
     iters: int = typer.Option(5, "--iters", help="Clustering iterations."),
-    temperature: float = typer.Option(0.02, "--temperature", help="Clustering and reconstruction temperature."),
+    temperature: str = typer.Option("auto", "--temperature", metavar="T|auto",
+                                    help="Clustering and reconstruction temperature; auto calibrates it to the "
+                                         "model's feature scale (0.02 is the paper's value for Segmenter ViT-L)."),
     k: int = typer.Option(20, "--k", help="Clusters each token is reconstructed from."),
     no_metric: bool = typer.Option(False, "--no-metric", help="Skip the task metric on the validation split."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -267,7 +269,8 @@ def cluster(
         from dfx.cluster.evaluate import cluster_report
 
         return cluster_report(model, cluster_ratio=cluster_ratio, alpha=alpha, data=data, images=images, batch=batch,
-                              warmup=warmup, repeats=repeats, device=device, iters=iters, temperature=temperature,
+                              warmup=warmup, repeats=repeats, device=device, iters=iters,
+                              temperature=_temperature(temperature),
                               window=window, k=k, metric=not no_metric)
 
     def show(result: dict) -> None:
@@ -288,6 +291,15 @@ def cluster(
             out.print(f"{result['metric']} drop: {result['metric_drop']:.2f} points", highlight=False)
 
     run(work, json_out=json_out, debug=debug, show=show)
+
+
+def _temperature(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--temperature: expected a number >= 0 or 'auto', got {text!r}") from None
 
 
 def _fetch_hub_teacher(recipe: Path, overrides: list[str], teacher: Optional[str]) -> None:
@@ -338,6 +350,55 @@ def distill(
 
     run(work, json_out=json_out, debug=debug,
         show=lambda result: _show_run(result, dry_run, f"teacher {result.get('teacher')}, "))
+
+
+@app.command()
+def fuse(
+    recipe: Path = typer.Argument(..., help="Fusion recipe, e.g. recipes/gemini-shapes.yaml."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides: section.key=value ..."),
+    fusion: Optional[str] = typer.Option(None, "--fusion", metavar="NAME",
+                                         help="gemini, cross-attn, exchange, concat or none (sets model.fusion)."),
+    compare: Optional[str] = typer.Option(None, "--compare", metavar="LIST",
+                                          help="Train each listed strategy (comma-separated) with the same data, "
+                                               "seed and schedule; print and save a table."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/fusion/<recipe>[-N])."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Train and evaluate multi-modal segmentation (GeminiFusion), or compare fusion strategies."""
+    overrides = list(overrides or [])
+
+    def work() -> dict:
+        from dfx.tasks import fusion as fusion_task
+
+        if compare is not None:
+            if fusion is not None or dry_run:
+                raise UsageError("--compare trains the listed strategies; it cannot be combined with --fusion or "
+                                 "--dry-run")
+            return fusion_task.compare(recipe, compare, overrides, out=out_dir, device=device, quiet=quiet)
+        return fusion_task.fuse(recipe, overrides, fusion=fusion, out=out_dir, device=device, quiet=quiet,
+                                dry_run=dry_run)
+
+    def show(result: dict) -> None:
+        if "rows" not in result:
+            _show_run(result, dry_run, "" if dry_run else f"fusion {result['fusion']}, ")
+            return
+        from dfx.tasks.fusion import compare_columns, format_cell
+
+        columns = compare_columns(result["rows"])
+        table = Table(title=f"fusion strategies, {result['epochs']} epochs, seed {result['seed']} ({result['device']})")
+        for column in columns:
+            table.add_column(column, justify="left" if column == "fusion" else "right")
+        for row in result["rows"]:
+            table.add_row(*(format_cell(c, row.get(c)) for c in columns))
+        out.print(table)
+        out.print(f"mIoU in %, latency at batch 1; table saved in {result['table_dir']}/compare.{{csv,json,md,png}}",
+                  highlight=False)
+
+    run(work, json_out=json_out, debug=debug, show=show)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from dfx.cli import app
 from dfx.cluster.evaluate import cluster_report, feature_fidelity, wrap_model
 from dfx.data.embedded import generate_shapes_seg
+from dfx.errors import UsageError
 
 # 64x64 images in 8x8 patches: an 8x8 token grid, 2 blocks of width 32
 MODEL = {"name": "vit_tiny_patch16_224",
@@ -52,7 +53,7 @@ def test_cluster_report_on_a_segmentation_run(seg_run):
     report = cluster_report(seg_run, cluster_ratio=0.5, images=3, warmup=0, repeats=1, device="cpu")
     assert report["grid"] == [8, 8] and report["clustered_grid"] == [6, 6]  # round(8·√0.5) = 6
     assert report["settings"] == {"cluster_ratio": 0.5, "alpha": 1, "depth": 2, "iters": 5, "temperature": 0.02,
-                                  "window": 5, "k": 20}
+                                  "window": 5, "k": 20, "temperature_mode": "fixed"}
     assert report["weights"] == "trained" and report["metric"] == "mIoU"
     base, clustered = report["baseline"], report["clustered"]
     assert report["metric_drop"] == pytest.approx((base["mIoU"] - clustered["mIoU"]) * 100)
@@ -97,12 +98,31 @@ def test_assignment_sharpness_against_timm_intermediates(seg_run):
     assert result["sharpness"] == pytest.approx(3.0 * result["distance"])
 
 
+def test_auto_temperature_is_calibrated_to_the_feature_scale(seg_run):
+    from dfx.cluster.evaluate import AUTO_SHARPNESS
+
+    report = cluster_report(seg_run, cluster_ratio=0.5, images=3, warmup=0, repeats=1, device="cpu",
+                            temperature="auto", metric=False)
+    distance = report["assignment"]["distance"]
+    assert report["settings"]["temperature_mode"] == "auto"
+    assert report["settings"]["temperature"] == pytest.approx(AUTO_SHARPNESS / distance)
+    assert report["assignment"]["sharpness"] == pytest.approx(AUTO_SHARPNESS)
+    fixed = cluster_report(seg_run, cluster_ratio=0.5, images=3, warmup=0, repeats=1, device="cpu",
+                           temperature=0.02, metric=False)
+    assert fixed["assignment"]["distance"] == pytest.approx(distance)  # the distance ignores the temperature
+    with pytest.raises(UsageError, match="temperature"):
+        cluster_report(seg_run, cluster_ratio=0.5, images=1, warmup=0, repeats=1, temperature=-1.0, metric=False)
+
+
 def test_cluster_command_json(seg_run):
     result, payload = invoke("cluster", "--model", seg_run, "--cluster-ratio", "0.75", "--images", "2", *FAST,
                              "--device", "cpu", "--json")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().count("\n") == 0  # exactly one JSON object
     assert payload["clustered_grid"] == [7, 7] and "mIoU" in payload["clustered"]
+    assert payload["settings"]["temperature_mode"] == "auto"  # the command's default
+    result, _ = invoke("cluster", "--model", seg_run, "--temperature", "hot", "--json")
+    assert result.exit_code == 2 and "--temperature" in result.output and "'hot'" in result.output
 
 
 def test_bench_side_by_side(seg_run):

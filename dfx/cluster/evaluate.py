@@ -36,6 +36,12 @@ from dfx.errors import UsageError
 # Default clustering settings (`hourglass`'s defaults), reported with every measurement.
 DEFAULTS = dict(iters=5, temperature=0.02, window=5, k=20)
 
+# `temperature="auto"` picks temperature = AUTO_SHARPNESS / D, D the median squared distance of a
+# token to its nearest initial centre at block alpha: the nearest centre then outweighs one at twice
+# that squared distance by e^2 (about 7x). Measured on the segmenter-shapes run (ratio 0.5): sharpness
+# 0.34 / 0.67 / 1.0 / 1.7 / 3.4 cost 1.84 / 1.05 / 0.91 / 0.76 / 0.77 mIoU points (docs/cluster.md).
+AUTO_SHARPNESS = 2.0
+
 
 def check_cluster_ratio(cluster_ratio) -> float:
     """cluster_ratio as a float; UsageError unless it is a number in (0, 1]."""
@@ -189,7 +195,7 @@ def _log(message: str) -> None:
 
 def cluster_report(model: str, cluster_ratio: float = 0.5, alpha: int | None = None, data: str | None = None,
                    images: int = 8, batch: int = 1, warmup: int = 2, repeats: int = 10, device: str = "auto",
-                   iters: int = 5, temperature: float = 0.02, window: int = 5, k: int = 20,
+                   iters: int = 5, temperature: float | str = 0.02, window: int = 5, k: int = 20,
                    metric: bool = True) -> dict:
     """Run ``model`` with and without token clustering; see the module docstring.
 
@@ -198,7 +204,8 @@ def cluster_report(model: str, cluster_ratio: float = 0.5, alpha: int | None = N
     the run's own validation data, or ``shapes-seg`` resized to the model's input size for a timm
     name. images: how many validation images the fidelity is measured on; batch: the batch of the
     latency measurement. metric: also evaluate the task metric over the whole validation split
-    (dfx runs only).
+    (dfx runs only). temperature: a number, or ``"auto"`` to calibrate it to the model's feature scale
+    on the fidelity images (``AUTO_SHARPNESS`` / median squared token-to-centre distance at alpha).
 
     Returns {"model", "weights", "image_size", "grid", "clustered_grid", "settings", "fidelity", "assignment",
     "baseline": {"latency_ms", "gflops", [metric]}, "clustered": {...}, "speedup", "flops_ratio",
@@ -215,25 +222,36 @@ def cluster_report(model: str, cluster_ratio: float = 0.5, alpha: int | None = N
     dev = D.resolve_device(device)
     base, description, task, recipe, dataset = _load(model, data, dev)
     size = dataset[0][0].shape[-1]
-    clustered = wrap_model(base, cluster_ratio, alpha, image_size=size, iters=iters, temperature=temperature,
-                           window=window, k=k)
+    auto = temperature == "auto"
+    if not auto and (isinstance(temperature, bool) or not isinstance(temperature, Real) or temperature < 0):
+        raise UsageError(f"--temperature must be a number >= 0 or 'auto', got {temperature!r}")
+    settings = dict(image_size=size, iters=iters, window=window, k=k)
+    clustered = wrap_model(base, cluster_ratio, alpha, temperature=DEFAULTS["temperature"] if auto else temperature,
+                           **settings)
     vit = vit_of(clustered)
     grid = tuple(vit.patch_embed.dynamic_feat_size((size, size)))
     sample = torch.stack([dataset[i][0] for i in range(min(images, len(dataset)))]).to(dev)
+    if auto:  # the distance at block alpha does not depend on the temperature
+        distance = assignment_sharpness(clustered, sample)["distance"]
+        temperature = AUTO_SHARPNESS / max(distance, 1e-12)
+        clustered = wrap_model(base, cluster_ratio, alpha, temperature=temperature, **settings)
+        vit = vit_of(clustered)
+        _log(f"temperature auto: {temperature:.4g} (= {AUTO_SHARPNESS} / median squared token-centre distance "
+             f"{distance:.4g} at block {vit.hourglass_config.alpha})")
 
     small_grid = vit.clustered_grid(grid)
     _log(f"{description}: {grid[0]}x{grid[1]} patch tokens -> {small_grid[0]}x{small_grid[1]} clusters; fidelity on "
          f"{len(sample)} images")
     report = {"model": description, "weights": "trained" if task is not None else "random", "image_size": size,
               "grid": list(grid), "clustered_grid": list(small_grid),
-              "settings": clustering_settings(clustered),
+              "settings": {**clustering_settings(clustered), "temperature_mode": "auto" if auto else "fixed"},
               "fidelity": feature_fidelity(base, clustered, sample),
               "assignment": assignment_sharpness(clustered, sample)}
     distance, sharpness = report["assignment"]["distance"], report["assignment"]["sharpness"]
-    if sharpness < 0.1:
+    if sharpness < 0.1 and not auto:
         _log(f"warning: temperature {temperature} x squared token-centre distance {distance:.3g} = {sharpness:.2g}: "
              "soft assignments are nearly uniform for this model's feature scale and clustering blurs the features; "
-             f"try --temperature {1 / distance:.2g}")
+             f"try --temperature auto (here {AUTO_SHARPNESS / distance:.2g})")
     models = {"baseline": base, "clustered": clustered}
     times = compare_latency(models, sample[:1].repeat(batch, 1, 1, 1), warmup, repeats)
     for name, net in models.items():
