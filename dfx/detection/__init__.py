@@ -1,5 +1,7 @@
-"""Detection: Hungarian matching (one-to-one and H-DETR one-to-many)."""
+"""Detection: Deformable-DETR with H-DETR's hybrid matching, its matcher, losses and post-processing."""
 
+from dfx.detection.criterion import SetCriterion
+from dfx.detection.detector import DeformableDETR, DetectorConfig, postprocess
 from dfx.detection.matcher import HungarianMatcher, repeat_targets
 
-__all__ = ["HungarianMatcher", "repeat_targets"]
+__all__ = ["DeformableDETR", "DetectorConfig", "HungarianMatcher", "SetCriterion", "postprocess", "repeat_targets"]

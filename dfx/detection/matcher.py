@@ -117,12 +117,15 @@ class HungarianMatcher(nn.Module):
         return self.cost_class * class_cost + self.cost_bbox * l1_cost - self.cost_giou * giou
 
     @torch.no_grad()
-    def forward(self, outputs: dict, targets: list) -> list:
+    def forward(self, outputs: dict, targets: list, repeat: int = 1) -> list:
         """Match each image's queries to its targets.
 
         Args:
             outputs: {"pred_logits": [B, Q, K], "pred_boxes": [B, Q, 4] cxcywh normalised}.
             targets: B dicts {"labels": [n_i] long, "boxes": [n_i, 4] cxcywh normalised}.
+            repeat: match against every target repeated this many times, as ``repeat_targets(targets,
+                repeat)`` would (H-DETR's one-to-many matching), with target indices into that
+                repeated list; the cost is computed once per distinct target and tiled.
         Returns:
             B pairs (query_idx, target_idx), each an int64 CPU tensor of length min(Q, n_i);
             query_idx is sorted ascending, query_idx[j] is matched to target target_idx[j].
@@ -140,6 +143,8 @@ class HungarianMatcher(nn.Module):
         _check_finite("pred_boxes", boxes)
         _check_targets(targets, batch_size, num_classes)
 
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise ValueError(f"repeat must be an integer >= 1, got {repeat!r}")
         sizes = [len(target["labels"]) for target in targets]
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
@@ -156,7 +161,10 @@ class HungarianMatcher(nn.Module):
 
         indices = []
         for image, block in enumerate(cost.split(sizes, dim=-1)):
-            query_idx, target_idx = linear_sum_assignment(block[image].numpy())
+            costs = block[image]
+            if repeat > 1:  # columns t0..tn, t0..tn, ...: the layout of repeat_targets
+                costs = costs.repeat(1, repeat)
+            query_idx, target_idx = linear_sum_assignment(costs.numpy())
             indices.append(
                 (torch.as_tensor(query_idx, dtype=torch.int64), torch.as_tensor(target_idx, dtype=torch.int64))
             )

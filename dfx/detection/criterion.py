@@ -1,0 +1,99 @@
+"""Set-prediction losses: focal classification, L1 and GIoU boxes, and H-DETR's one-to-many term.
+
+For one set of predictions and its Hungarian matching (``σ``), with ``N`` the number of target
+boxes in the batch (at least 1)::
+
+    L_class = Σ_{queries, classes} focal(logit, onehot of the matched label) / N
+    L_l1    = Σ_matched |b - b̂|_1 / N          (cxcywh, normalised)
+    L_giou  = Σ_matched (1 - GIoU(b, b̂)) / N
+    L       = w_class · L_class + w_l1 · L_l1 + w_giou · L_giou
+
+summed over the final decoder layer, every auxiliary layer, and (two-stage) the encoder proposals.
+H-DETR adds the same sum over the one-to-many group, matched against every target repeated ``k``
+times (``N`` becomes ``k·N``), times ``λ`` (``one2many_weight``). The encoder term is counted once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+
+from dfx.detection.matcher import HungarianMatcher, repeat_targets
+
+
+class SetCriterion(nn.Module):
+    """outputs of :class:`dfx.detection.detector.DeformableDETR`, targets -> (loss, logs).
+
+    targets: per image {"labels": [n] long, "boxes": [n, 4] cxcywh normalised}.
+    logs: the weighted one-to-one terms of the last layer, ``one2one``/``one2many``/``enc`` totals.
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None, class_weight: float = 2.0,
+                 bbox_weight: float = 5.0, giou_weight: float = 2.0, focal_alpha: float = 0.25,
+                 focal_gamma: float = 2.0, one2many_k: int = 6, one2many_weight: float = 1.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher or HungarianMatcher()
+        self.weights = {"class": class_weight, "l1": bbox_weight, "giou": giou_weight}
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.one2many_k, self.one2many_weight = one2many_k, one2many_weight
+
+    def terms(self, outputs: dict, targets: list[dict], num_boxes: float, indices=None) -> dict:
+        """Unweighted L_class, L_l1, L_giou of one set of predictions (matched here unless given)."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        if indices is None:
+            indices = self.matcher(outputs, targets)
+        batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(logits.device)
+        query_idx = torch.cat([q for q, _ in indices]).to(logits.device)
+        labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
+        matched_targets = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)])
+
+        onehot = torch.zeros_like(logits)
+        onehot[batch_idx, query_idx, labels.to(logits.device)] = 1.0
+        class_loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
+        matched = boxes[batch_idx, query_idx]
+        matched_targets = matched_targets.to(matched)
+        l1 = (matched - matched_targets).abs().sum()
+        giou = generalized_box_iou_loss(box_convert(matched, "cxcywh", "xyxy"),
+                                        box_convert(matched_targets, "cxcywh", "xyxy"), reduction="sum")
+        return {"class": class_loss / num_boxes, "l1": l1 / num_boxes, "giou": giou / num_boxes}
+
+    def weighted(self, terms: dict) -> Tensor:
+        return sum(self.weights[name] * value for name, value in terms.items())
+
+    def group_loss(self, outputs: dict, targets: list[dict], num_boxes: float, repeat: int = 1) -> tuple[Tensor, dict]:
+        """Final layer + auxiliary layers of one query group, matched against ``targets`` each repeated
+        ``repeat`` times (the matcher tiles one cost matrix instead of building ``repeat`` copies)."""
+        repeated = repeat_targets(targets, repeat) if repeat > 1 else targets
+        total, last = 0.0, None
+        for layer in [outputs, *outputs.get("aux_outputs", [])]:
+            terms = self.terms(layer, repeated, num_boxes, self.matcher(layer, targets, repeat=repeat))
+            total = total + self.weighted(terms)
+            last = last or terms
+        return total, last
+
+    def forward(self, outputs: dict, targets: list[dict]) -> tuple[Tensor, dict]:
+        num_boxes = _global_box_count(targets, outputs["pred_logits"].device)
+        total, last = self.group_loss(outputs, targets, num_boxes)
+        logs = {f"loss_{name}": float(self.weights[name] * value.detach()) for name, value in last.items()}
+        logs["one2one"] = float(total.detach())
+        if "enc_outputs" in outputs:
+            enc = self.weighted(self.terms(outputs["enc_outputs"], targets, num_boxes))
+            logs["enc"] = float(enc.detach())
+            total = total + enc
+        if "one2many" in outputs and self.one2many_weight > 0:
+            many, _ = self.group_loss(outputs["one2many"], targets, num_boxes * self.one2many_k, self.one2many_k)
+            logs["one2many"] = float(many.detach())
+            total = total + self.one2many_weight * many
+        return total, logs
+
+
+def _global_box_count(targets: list[dict], device) -> float:
+    """Target boxes in the whole batch (summed over processes), at least 1."""
+    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return max(float(count), 1.0)

@@ -1,0 +1,267 @@
+"""Deformable-DETR with the paper switches and H-DETR's hybrid (one-to-many) query group.
+
+One model; every variant is a :class:`DetectorConfig` value:
+
+- ``two_stage``: the encoder's tokens propose boxes (a class head and a box head on each token,
+  relative to a fixed-size proposal at its position); the top-scoring proposals seed the queries.
+- ``box_refine``: each decoder layer refines the previous layer's box (per-layer heads).
+- ``mixed_query_selection``: with two-stage, the selected boxes give only the *positional* queries;
+  the content queries are learned embeddings.
+- ``look_forward_twice``: a layer's box is built on the previous layer's box with its gradient.
+- ``one2many_queries`` > 0: H-DETR's extra group, trained with one-to-many matching. The two groups
+  share every layer but cannot see each other in self-attention; at inference (``model.eval()``)
+  only the ``one2one_queries`` run, so inference costs what the baseline costs.
+
+Output of ``forward(images [B, 3, H, W], mask [B, H, W] True at padding)``::
+
+    {"pred_logits": [B, Q1, K], "pred_boxes": [B, Q1, 4] (cxcywh in [0, 1] of the unpadded image),
+     "aux_outputs": [{"pred_logits", "pred_boxes"}] * (decoder_layers - 1),
+     "enc_outputs": {"pred_logits": [B, S, K], "pred_boxes": [B, S, 4]}          (two-stage only),
+     "one2many": {"pred_logits": [B, Q2, K], "pred_boxes", "aux_outputs"}        (training, Q2 > 0)}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from dfx.detection.backbone import Backbone, InputProjection
+from dfx.detection.position import box_position_encoding, pixel_position_encoding
+from dfx.detection.transformer import Decoder, Encoder, inverse_sigmoid
+
+
+@dataclass
+class DetectorConfig:
+    """Architecture of the detector (the recipe's ``model`` section maps onto it)."""
+
+    num_classes: int = 80
+    backbone: str = "resnet50"
+    backbone_weights: str | None = None  # a dfx.hub spec; None: random init
+    backbone_kwargs: dict = field(default_factory=dict)
+    frozen_bn: bool = True
+    dim: int = 256
+    heads: int = 8
+    levels: int = 4
+    points: int = 4
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    ffn_dim: int = 1024
+    dropout: float = 0.1
+    two_stage: bool = False
+    box_refine: bool = False
+    mixed_query_selection: bool = False
+    look_forward_twice: bool = False
+    one2one_queries: int = 300
+    one2many_queries: int = 0
+    hybrid_attention: str = "grouped"  # or "masked": one attention over both groups with a block mask
+    proposal_size: float = 0.05  # two-stage proposal side on the finest level (doubles per level)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for inconsistent settings."""
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.dim % self.heads or self.dim % 2:
+            raise ValueError(f"dim {self.dim} must be even and divide by heads {self.heads}")
+        if self.one2one_queries < 1 or self.one2many_queries < 0:
+            raise ValueError(f"one2one_queries must be >= 1 and one2many_queries >= 0, got "
+                             f"{self.one2one_queries} and {self.one2many_queries}")
+        if self.mixed_query_selection and not self.two_stage:
+            raise ValueError("mixed_query_selection selects queries from two-stage proposals: set two_stage: true")
+        if self.look_forward_twice and not self.box_refine:
+            raise ValueError("look_forward_twice builds on iterative box refinement: set box_refine: true")
+        if self.hybrid_attention not in ("grouped", "masked"):
+            raise ValueError(f"hybrid_attention must be 'grouped' or 'masked', got {self.hybrid_attention!r}")
+        if self.encoder_layers < 1 or self.decoder_layers < 1:
+            raise ValueError("encoder_layers and decoder_layers must be >= 1")
+
+
+class MLP(nn.Module):
+    """``layers`` linear layers with ReLU between them (the box head: dim -> dim -> dim -> 4)."""
+
+    def __init__(self, dim: int, hidden: int, out: int, layers: int):
+        super().__init__()
+        sizes = [dim] + [hidden] * (layers - 1) + [out]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index < len(self.layers) - 1:
+                x = x.relu()
+        return x
+
+
+def _class_head(dim: int, num_classes: int) -> nn.Linear:
+    head = nn.Linear(dim, num_classes)
+    prior = 0.01  # every class starts at probability 0.01, so the focal loss starts small
+    nn.init.constant_(head.bias, -math.log((1 - prior) / prior))
+    return head
+
+
+def _box_head(dim: int) -> MLP:
+    head = MLP(dim, dim, 4, 3)
+    nn.init.zeros_(head.layers[-1].weight)
+    nn.init.zeros_(head.layers[-1].bias)
+    return head
+
+
+class DeformableDETR(nn.Module):
+    """See the module docstring. ``config.num_classes`` sigmoid classes (no background class)."""
+
+    def __init__(self, config: DetectorConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        c = config.dim
+        self.backbone = Backbone(config.backbone, config.backbone_weights, num_outs=min(3, config.levels),
+                                 frozen_bn=config.frozen_bn, kwargs=config.backbone_kwargs)
+        self.input_proj = InputProjection(self.backbone.channels, c, config.levels)
+        self.level_embed = nn.Parameter(torch.empty(config.levels, c).normal_())
+        layer = dict(dim=c, heads=config.heads, levels=config.levels, points=config.points, ffn_dim=config.ffn_dim,
+                     dropout=config.dropout)
+        self.encoder = Encoder(config.encoder_layers, **layer)
+        self.decoder = Decoder(config.decoder_layers, config.box_refine, config.look_forward_twice, **layer)
+
+        heads = config.decoder_layers if config.box_refine else 1
+        self.class_heads = nn.ModuleList(_class_head(c, config.num_classes) for _ in range(heads))
+        self.box_heads = nn.ModuleList(_box_head(c) for _ in range(heads))
+        total = config.one2one_queries + config.one2many_queries
+        if config.two_stage:
+            self.enc_output = nn.Linear(c, c)
+            self.enc_output_norm = nn.LayerNorm(c)
+            self.enc_class_head = _class_head(c, config.num_classes)
+            self.enc_box_head = _box_head(c)
+            pos_dim = c if config.mixed_query_selection else 2 * c
+            self.pos_trans = nn.Linear(2 * c, pos_dim)
+            self.pos_trans_norm = nn.LayerNorm(pos_dim)
+            if config.mixed_query_selection:
+                self.content_queries = nn.Embedding(total, c)
+        else:
+            self.query_embed = nn.Embedding(total, 2 * c)  # positional and content halves
+            self.reference_points = nn.Linear(c, 2)
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.zeros_(self.reference_points.bias)
+        if not config.box_refine:
+            # without refinement every layer predicts relative to a fixed reference; start at w=h~0.12
+            nn.init.constant_(self.box_heads[0].layers[-1].bias[2:], -2.0)
+
+    # ------------------------------------------------------------------------------------------
+    def _box_delta(self, layer: int, states: Tensor) -> Tensor:
+        return self.box_heads[layer if self.config.box_refine else 0](states)
+
+    def _class_logits(self, layer: int, states: Tensor) -> Tensor:
+        return self.class_heads[layer if self.config.box_refine else 0](states)
+
+    def _flatten(self, maps: list[Tensor], masks: list[Tensor]):
+        """Multi-scale maps -> tokens [B, S, C], pos [B, S, C], mask [B, S], shapes, valid ratios [B, L, 2]."""
+        tokens, positions, flat_masks, shapes, ratios = [], [], [], [], []
+        for level, (feature, mask) in enumerate(zip(maps, masks)):
+            shapes.append(tuple(feature.shape[-2:]))
+            tokens.append(feature.flatten(2).transpose(1, 2))
+            pos = pixel_position_encoding(mask, self.config.dim // 2).to(feature.dtype)
+            positions.append(pos.flatten(2).transpose(1, 2) + self.level_embed[level])
+            flat_masks.append(mask.flatten(1))
+            valid = ~mask
+            ratios.append(torch.stack((valid[:, 0, :].sum(1) / mask.shape[2], valid[:, :, 0].sum(1) / mask.shape[1]),
+                                      -1))
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=maps[0].device)
+        return (torch.cat(tokens, 1), torch.cat(positions, 1), torch.cat(flat_masks, 1), spatial_shapes, shapes,
+                torch.stack(ratios, 1).to(maps[0].dtype))
+
+    def _proposals(self, memory: Tensor, mask: Tensor, shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        """One box per encoder token: its pixel centre, side ``proposal_size · 2^level``.
+
+        Returns the memory with padded and border tokens zeroed, projected [B, S, C], and the
+        proposals before the sigmoid [B, S, 4] (+inf where invalid, so they are never selected).
+        """
+        proposals, start = [], 0
+        for level, (height, width) in enumerate(shapes):
+            level_mask = mask[:, start : start + height * width].view(-1, height, width)
+            valid_h = (~level_mask[:, :, 0]).sum(1).to(memory.dtype)
+            valid_w = (~level_mask[:, 0, :]).sum(1).to(memory.dtype)
+            ys, xs = torch.meshgrid(torch.arange(height, device=memory.device, dtype=memory.dtype),
+                                    torch.arange(width, device=memory.device, dtype=memory.dtype), indexing="ij")
+            cx = (xs.reshape(1, -1) + 0.5) / valid_w[:, None]
+            cy = (ys.reshape(1, -1) + 0.5) / valid_h[:, None]
+            side = torch.full_like(cx, self.config.proposal_size * 2.0**level)
+            proposals.append(torch.stack((cx, cy, side, side), -1))
+            start += height * width
+        proposals = torch.cat(proposals, 1)
+        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True) & ~mask[..., None]
+        proposals = torch.log(proposals / (1 - proposals)).masked_fill(~valid, float("inf"))
+        memory = memory.masked_fill(~valid, 0.0)
+        return self.enc_output_norm(self.enc_output(memory)), proposals
+
+    def _queries(self, memory: Tensor, mask: Tensor, shapes, num_queries: int, out: dict):
+        """(content queries [B, Q, C], positional queries [B, Q, C], reference [B, Q, 2|4])."""
+        c, batch = self.config.dim, memory.shape[0]
+        if not self.config.two_stage:
+            query_pos, content = self.query_embed.weight[:num_queries].split(c, -1)
+            query_pos = query_pos[None].expand(batch, -1, -1)
+            content = content[None].expand(batch, -1, -1)
+            return content, query_pos, self.reference_points(query_pos).sigmoid()
+        enc_memory, proposals = self._proposals(memory, mask, shapes)
+        enc_logits = self.enc_class_head(enc_memory)
+        enc_boxes = self.enc_box_head(enc_memory) + proposals  # before the sigmoid
+        out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes.sigmoid()}
+        # Rank tokens by their best class score (DINO's selection; inf proposals are out of range).
+        scores = enc_logits.max(-1).values.masked_fill(~torch.isfinite(enc_boxes).all(-1), float("-inf"))
+        top = scores.topk(min(num_queries, scores.shape[1]), dim=1).indices
+        if top.shape[1] < num_queries:
+            raise ValueError(f"two-stage selection needs {num_queries} encoder tokens, the image gives only "
+                             f"{top.shape[1]}: use larger images or fewer queries")
+        reference = torch.gather(enc_boxes, 1, top[..., None].expand(-1, -1, 4)).detach().sigmoid()
+        pos = self.pos_trans_norm(self.pos_trans(box_position_encoding(reference, c // 2)))
+        if self.config.mixed_query_selection:
+            content = self.content_queries.weight[:num_queries][None].expand(batch, -1, -1)
+            return content, pos, reference
+        query_pos, content = pos.split(c, -1)
+        return content, query_pos, reference
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        maps, masks = self.input_proj(self.backbone(images, mask))
+        src, pos, flat_mask, spatial_shapes, shapes, valid_ratios = self._flatten(maps, masks)
+        memory = self.encoder(src, pos, spatial_shapes, shapes, valid_ratios, flat_mask)
+
+        one2one = self.config.one2one_queries
+        one2many = self.config.one2many_queries if self.training else 0
+        out: dict = {}
+        content, query_pos, reference = self._queries(memory, flat_mask, shapes, one2one + one2many, out)
+        groups = [one2one, one2many] if one2many else [one2one]
+        states, boxes = self.decoder(content, query_pos, reference, memory, spatial_shapes, valid_ratios, flat_mask,
+                                     self._box_delta, groups, masked=self.config.hybrid_attention == "masked")
+        layers = [{"pred_logits": self._class_logits(i, s), "pred_boxes": b}
+                  for i, (s, b) in enumerate(zip(states, boxes))]
+        one2one_layers = [{k: v[:, :one2one] for k, v in layer.items()} for layer in layers]
+        out.update(one2one_layers[-1])
+        out["aux_outputs"] = one2one_layers[:-1]
+        if one2many:
+            many = [{k: v[:, one2one:] for k, v in layer.items()} for layer in layers]
+            out["one2many"] = {**many[-1], "aux_outputs": many[:-1]}
+        return out
+
+
+@torch.no_grad()
+def postprocess(outputs: dict, sizes: Tensor, detections: int = 100) -> list[dict]:
+    """Top-``detections`` (query, class) pairs per image, boxes in pixels.
+
+    outputs: {"pred_logits": [B, Q, K], "pred_boxes": [B, Q, 4] cxcywh in [0, 1]}; sizes [B, 2]
+    (height, width) to scale to. Returns per image {"scores": [D], "labels": [D], "boxes": [D, 4]
+    xyxy}. A query may appear with several classes, as in Deformable-DETR's evaluation.
+    """
+    from torchvision.ops import box_convert
+
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    batch, queries, classes = logits.shape
+    scores, index = logits.sigmoid().flatten(1).topk(min(detections, queries * classes), dim=1)
+    query, labels = index // classes, index % classes
+    picked = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))
+    height, width = sizes.unbind(-1)
+    scale = torch.stack((width, height, width, height), -1)[:, None].to(picked.dtype)
+    xyxy = box_convert(picked, "cxcywh", "xyxy") * scale
+    return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, xyxy)]

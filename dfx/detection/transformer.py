@@ -1,0 +1,147 @@
+"""Deformable encoder and decoder.
+
+Shapes: ``B`` images, ``S`` = Σ H_l·W_l flattened multi-scale tokens, ``Q`` queries, ``C`` width,
+``L`` levels. Reference points are normalised to the *valid* (unpadded) part of each image and
+scaled by the per-level valid ratios before sampling, because the padded maps are what is sampled.
+
+Decoder self-attention sees the queries in groups (H-DETR's one-to-one and one-to-many groups)
+that must not attend to each other. Two equivalent ways are offered: ``grouped`` runs one attention
+per group (cheaper: Σ n_g² instead of (Σ n_g)² pairs), ``masked`` runs one attention over all
+queries with :func:`group_attention_mask`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dfx.detection.deformable_attention import MultiScaleDeformableAttention
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def group_attention_mask(sizes: list[int], device=None) -> Tensor:
+    """[Q, Q] bool, True where query i may NOT attend to key j (they lie in different groups)."""
+    group = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    return group[:, None] != group[None, :]
+
+
+def _ffn(dim: int, ffn_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, dim),
+                         nn.Dropout(dropout))
+
+
+class EncoderLayer(nn.Module):
+    """Deformable self-attention over all levels, then an FFN (post-norm)."""
+
+    def __init__(self, dim: int, heads: int, levels: int, points: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.self_attn = MultiScaleDeformableAttention(dim, heads, levels, points)
+        self.dropout = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = _ffn(dim, ffn_dim, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, src: Tensor, pos: Tensor, reference: Tensor, spatial_shapes: Tensor, padding_mask: Tensor):
+        src = self.norm1(src + self.dropout(self.self_attn(src + pos, reference, src, spatial_shapes, padding_mask)))
+        return self.norm2(src + self.ffn(src))
+
+
+class Encoder(nn.Module):
+    def __init__(self, num_layers: int, **layer):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(**layer) for _ in range(num_layers))
+
+    @staticmethod
+    def reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
+        """Pixel centres of every level, [B, S, L, 2] (x, y), in each level's sampling frame."""
+        points = []
+        for level, (height, width) in enumerate(spatial_shapes):
+            ys, xs = torch.meshgrid(
+                torch.linspace(0.5, height - 0.5, height, device=valid_ratios.device, dtype=valid_ratios.dtype),
+                torch.linspace(0.5, width - 0.5, width, device=valid_ratios.device, dtype=valid_ratios.dtype),
+                indexing="ij")
+            x = xs.reshape(1, -1) / (valid_ratios[:, None, level, 0] * width)
+            y = ys.reshape(1, -1) / (valid_ratios[:, None, level, 1] * height)
+            points.append(torch.stack((x, y), -1))
+        return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
+
+    def forward(self, src, pos, spatial_shapes: Tensor, shapes: list[tuple[int, int]], valid_ratios, padding_mask):
+        reference = self.reference_points(shapes, valid_ratios)
+        for layer in self.layers:
+            src = layer(src, pos, reference, spatial_shapes, padding_mask)
+        return src
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention among the queries (within groups), deformable cross-attention, FFN."""
+
+    def __init__(self, dim: int, heads: int, levels: int, points: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_attn = MultiScaleDeformableAttention(dim, heads, levels, points)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = _ffn(dim, ffn_dim, dropout)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def _self_attention(self, tgt: Tensor, query_pos: Tensor, groups: list[int], masked: bool) -> Tensor:
+        q = tgt + query_pos
+        if len(groups) == 1 or not masked:
+            outs = [self.self_attn(qg, qg, vg, need_weights=False)[0]
+                    for qg, vg in zip(q.split(groups, 1), tgt.split(groups, 1))]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        mask = group_attention_mask(groups, tgt.device)
+        return self.self_attn(q, q, tgt, attn_mask=mask, need_weights=False)[0]
+
+    def forward(self, tgt, query_pos, reference, memory, spatial_shapes, memory_mask, groups: list[int],
+                masked: bool = False):
+        tgt = self.norm1(tgt + self.dropout1(self._self_attention(tgt, query_pos, groups, masked)))
+        attended = self.cross_attn(tgt + query_pos, reference, memory, spatial_shapes, memory_mask)
+        tgt = self.norm2(tgt + self.dropout2(attended))
+        return self.norm3(tgt + self.ffn(tgt))
+
+
+class Decoder(nn.Module):
+    """Decoder layers with per-layer box predictions.
+
+    box_refine: each layer's predicted box becomes the next layer's reference (detached).
+    look_forward_twice: a layer's prediction is built on the previous layer's prediction *with* its
+    gradient, so the box loss of layer l also trains layer l-1's box head (the reference used for
+    sampling stays detached).
+    """
+
+    def __init__(self, num_layers: int, box_refine: bool, look_forward_twice: bool, **layer):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(**layer) for _ in range(num_layers))
+        self.box_refine = box_refine
+        self.look_forward_twice = look_forward_twice and box_refine
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference: Tensor, memory: Tensor, spatial_shapes: Tensor,
+                valid_ratios: Tensor, memory_mask: Tensor, box_head, groups: list[int], masked: bool = False):
+        """reference [B, Q, 2|4] in [0, 1]; box_head(layer, states) -> box deltas [B, Q, 4].
+
+        Returns per layer: states [B, Q, C] and boxes [B, Q, 4] (cxcywh in [0, 1]).
+        """
+        states, boxes = [], []
+        sampling_ref, prediction_ref = reference, reference
+        scale = valid_ratios if reference.shape[-1] == 2 else torch.cat((valid_ratios, valid_ratios), -1)
+        for index, layer in enumerate(self.layers):
+            tgt = layer(tgt, query_pos, sampling_ref[:, :, None] * scale[:, None], memory, spatial_shapes,
+                        memory_mask, groups, masked)
+            delta = box_head(index, tgt)
+            base = inverse_sigmoid(prediction_ref)
+            if base.shape[-1] == 2:
+                base = torch.cat((base, torch.zeros_like(base)), -1)
+            box = (delta + base).sigmoid()
+            states.append(tgt)
+            boxes.append(box)
+            if self.box_refine:
+                sampling_ref = box.detach()
+                prediction_ref = box if self.look_forward_twice else sampling_ref
+        return states, boxes
