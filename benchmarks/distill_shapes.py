@@ -37,6 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.markdown import write_section  # noqa: E402
 from dfx.data.embedded import generate_shapes_cls  # noqa: E402
 from dfx.engine import train  # noqa: E402
 from dfx.engine.checkpoint import read_metadata  # noqa: E402
@@ -138,18 +139,6 @@ def report(top1: dict, seconds: dict, step: dict, teacher_top1: float, args, rec
         "",
     ]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the section that starts with SECTION; every other section is kept as it is."""
-    lines = path.read_text().splitlines() if path.exists() else ["# Results", ""]
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        kept_before, kept_after = lines + ([""] if lines and lines[-1].strip() else []), []
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        kept_before, kept_after = lines[:start], lines[end:]
-    path.write_text("\n".join([*kept_before, *section.rstrip("\n").splitlines(), "", *kept_after]).rstrip("\n") + "\n")
 
 
 def main(argv=None) -> None:

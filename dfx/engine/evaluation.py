@@ -64,5 +64,8 @@ def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), device:
     val_set = task.dataset("val")
     loader = make_loader(val_set, recipe.eval.batch_size, ctx, shuffle=False, seed=0,
                          num_workers=recipe.train.num_workers, collate_fn=task.collate_fn)
+    file = find_checkpoint(path)
+    if hasattr(task, "output_dir"):  # predictions and plots go beside the run: RUN/eval/
+        task.output_dir = (Path(path) if Path(path).is_dir() else file.parent) / "eval"
     metrics = evaluate(task, model, loader, ctx)
-    return {"metrics": metrics, "checkpoint": str(find_checkpoint(path)), "epoch": meta.get("epoch")}
+    return {"metrics": metrics, "checkpoint": str(file), "epoch": meta.get("epoch"), **getattr(task, "outputs", {})}

@@ -217,6 +217,8 @@ def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet)
         run_dir = Path(D.broadcast_object(str(new_run_dir(recipe.task, recipe.name, out)) if ctx.is_main else None, ctx))
     if ctx.is_main:
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        if hasattr(task, "output_dir"):  # tasks that write evaluation files (predictions, plots)
+            task.output_dir = run_dir
         progress.log(f"dfx: run directory {run_dir}")
 
     last_metrics: dict = next(({k[4:]: v for k, v in r.items() if k.startswith("val/")} for r in reversed(rows)

@@ -1,0 +1,256 @@
+"""COCO-format detection data: an image folder and an annotation JSON, checked when built.
+
+Two root layouts are understood (:func:`coco_split_paths`):
+
+    COCO 2017   <root>/train2017/, <root>/val2017/, <root>/annotations/instances_{train,val}2017.json
+    dfx         <root>/train/, <root>/val/, <root>/annotations/{train,val}.json  (embedded shapes-det)
+
+An item is ``(image, target)`` after the transform (dfx.data.det_transforms); the transform gets
+the PIL RGB image and a target whose ``boxes`` are absolute pixel xyxy [N, 4] float, ``labels``
+contiguous class indices [N] int64, ``image_id``, ``orig_size`` and ``size`` (h, w) int64 [2].
+Crowd annotations (iscrowd=1) are not targets; they stay in ``coco`` so that COCOeval ignores
+detections on them as COCO intends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dfx.data.classification import load_rgb
+from dfx.errors import UsageError
+
+SKIP_HINT = "set data.skip_invalid: true to drop them"
+# the reasons CocoDetection.skipped counts under
+UNKNOWN_CATEGORY, BAD_BOX, UNKNOWN_IMAGE, MISSING_IMAGE = (
+    "unknown category", "invalid box", "unknown image id", "missing image file")
+
+
+def coco_layout_error(root: str | Path, split: str = "train") -> str:
+    """The message for a ``root`` that holds neither detection layout (for ``split``)."""
+    what = "does not exist" if not Path(root).is_dir() else "is not a COCO detection root"
+    return (f"data.root: {root} {what}; expected either the COCO 2017 layout {root}/{split}2017/ with "
+            f"{root}/annotations/instances_{split}2017.json, or the dfx layout {root}/{split}/ with "
+            f"{root}/annotations/{split}.json")
+
+
+def coco_split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
+    """``(image_dir, ann_file)`` of ``split`` ("train" or "val") under a COCO 2017 or dfx root."""
+    root = Path(root)
+    for image_dir, ann_file in ((root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"),
+                                (root / split, root / "annotations" / f"{split}.json")):
+        if image_dir.is_dir() and ann_file.is_file():
+            return image_dir, ann_file
+    raise UsageError(coco_layout_error(root, split))
+
+
+def read_annotation_file(ann_file: Path) -> dict:
+    """The parsed JSON of a COCO annotation file, with ``annotations``/``categories`` defaulted to []."""
+    if not ann_file.is_file():
+        raise UsageError(f"annotation file {ann_file} does not exist; check data.root (or the path you passed)")
+    try:
+        data = json.loads(ann_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"annotation file {ann_file} is not valid JSON ({e}); re-export or re-download it") from None
+    if not isinstance(data, dict) or not data.get("images"):
+        raise UsageError(f"annotation file {ann_file}: empty annotation file (no 'images' list); "
+                         "a COCO file needs 'images', 'annotations' and 'categories'")
+    broken = [i for i, im in enumerate(data["images"]) if not (isinstance(im, dict) and {"id", "file_name"} <= set(im))]
+    if broken:
+        raise UsageError(f"annotation file {ann_file}: {len(broken)} image records lack 'id' or 'file_name' (first: "
+                         f"images[{broken[0]}]); every image record needs both")
+    data.setdefault("annotations", [])
+    data.setdefault("categories", [])
+    return data
+
+
+def quiet_coco(dataset: dict):
+    """A pycocotools COCO built from an in-memory dict, without its progress prints."""
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def box_ok(box, image: dict) -> bool:
+    """A COCO [x, y, w, h] with positive size that overlaps its image (when the image's size is known)."""
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and box[2] > 0 and box[3] > 0):
+        return False
+    x, y, w, h = box
+    return x + w > 0 and y + h > 0 and x < image.get("width", math.inf) and y < image.get("height", math.inf)
+
+
+def first(items, count: int = 5) -> str:
+    items = list(items)
+    more = f" and {len(items) - count} more" if len(items) > count else ""
+    return ", ".join(str(i) for i in items[:count]) + more
+
+
+class CocoDetection(Dataset):
+    """The images and boxes of one COCO annotation file, checked when built.
+
+    ``category_ids``: COCO category ids in label order (label i is category ``category_ids[i]``);
+    default all categories of the file, sorted by id. ``skip_invalid``: drop what is invalid
+    (annotations with unknown categories, non-positive boxes or unknown image ids; images whose
+    file is missing) and count it in ``skipped`` (reason -> count) instead of raising UsageError.
+
+    Attributes: ``coco`` (pycocotools COCO of the file, restricted to the kept images, annotations
+    and categories: the ground truth for COCOeval), ``category_ids``, ``classes`` (names in label
+    order), ``ids`` (image ids, sorted; images without boxes included), ``skipped``.
+    """
+
+    def __init__(self, image_dir: str | Path, ann_file: str | Path, transform=None,
+                 category_ids: list[int] | None = None, skip_invalid: bool = False):
+        self.image_dir = Path(image_dir)
+        self.ann_file = Path(ann_file)
+        self.transform = transform
+        self.skip_invalid = skip_invalid
+        self.skipped: dict[str, int] = {}
+        data = read_annotation_file(self.ann_file)
+        categories = {c["id"]: c for c in data["categories"]}
+        if category_ids is None:
+            category_ids = sorted(categories)
+        absent = [c for c in category_ids if c not in categories]
+        if absent:
+            raise UsageError(f"data.category_ids: {first(absent)} not among the categories of {self.ann_file} "
+                             f"(it has {first(sorted(categories), 20)})")
+        if len(set(category_ids)) != len(category_ids):
+            raise UsageError(f"data.category_ids: {list(category_ids)} lists an id twice")
+        self.category_ids = [int(c) for c in category_ids]
+        self.classes = [str(categories[c].get("name", c)) for c in self.category_ids]
+        self.label_of = {c: i for i, c in enumerate(self.category_ids)}
+
+        images = self._present_images(data["images"])
+        annotations = self._valid_annotations(data["annotations"], {im["id"]: im for im in data["images"]}, images)
+        if len({a.get("id") for a in annotations}) < len(annotations) or any("id" not in a for a in annotations):
+            # pycocotools indexes annotations by id: missing or repeated ids (some converters write
+            # them) would silently merge boxes, so renumber; nothing else refers to annotation ids
+            annotations = [{**a, "id": n} for n, a in enumerate(annotations, 1)]
+        self.coco = quiet_coco({**data, "images": list(images.values()), "annotations": annotations,
+                                "categories": [categories[c] for c in self.category_ids]})
+        self.ids = sorted(images)
+        self.targets = self._targets(images, annotations)
+
+    def _present_images(self, images: list[dict]) -> dict[int, dict]:
+        """image id -> image record, for images whose file exists (all of them unless skip_invalid)."""
+        if not self.image_dir.is_dir():
+            raise UsageError(f"image folder {self.image_dir} (for {self.ann_file}) does not exist")
+        present = set(os.listdir(self.image_dir))  # one listing instead of a stat per image (COCO: 118k)
+        missing = [im["file_name"] for im in images
+                   if im["file_name"] not in present and not (self.image_dir / im["file_name"]).is_file()]
+        if missing and not self.skip_invalid:
+            raise UsageError(f"{len(missing)} of {len(images)} images listed in {self.ann_file} are missing from "
+                             f"{self.image_dir}: {first(missing)}; restore them, or {SKIP_HINT}")
+        self._count(MISSING_IMAGE, len(missing))
+        gone = set(missing)
+        return {im["id"]: im for im in images if im["file_name"] not in gone}
+
+    def _valid_annotations(self, annotations: list[dict], listed: dict, images: dict[int, dict]) -> list[dict]:
+        """The annotations of kept images whose category is known and whose box has positive size
+        and overlaps its image.
+
+        ``listed``: every image record of the file by id; annotations of images dropped for a
+        missing file go with their image (already counted) and are not counted again.
+        """
+        invalid: dict[str, list[dict]] = {UNKNOWN_CATEGORY: [], BAD_BOX: [], UNKNOWN_IMAGE: []}
+        kept = []
+        for ann in annotations:
+            box = ann.get("bbox")
+            if ann.get("image_id") not in listed:
+                invalid[UNKNOWN_IMAGE].append(ann)
+            elif ann.get("category_id") not in self.label_of:
+                invalid[UNKNOWN_CATEGORY].append(ann)
+            elif not box_ok(box, listed[ann["image_id"]]):
+                invalid[BAD_BOX].append(ann)
+            elif ann["image_id"] in images:
+                kept.append(ann)
+        if not self.skip_invalid:
+            self._raise_invalid(invalid)
+        for reason, anns in invalid.items():
+            self._count(reason, len(anns))
+        return kept
+
+    def _raise_invalid(self, invalid: dict[str, list[dict]]) -> None:
+        if invalid[UNKNOWN_CATEGORY]:
+            anns = invalid[UNKNOWN_CATEGORY]
+            ids = sorted({a.get("category_id") for a in anns}, key=str)
+            raise UsageError(f"{len(anns)} annotations in {self.ann_file} have category ids {first(ids, 10)} that "
+                             f"are not in the category list {first(self.category_ids, 20)}; add them to "
+                             "data.category_ids or set data.skip_invalid: true")
+        if invalid[BAD_BOX]:
+            anns = invalid[BAD_BOX]
+            raise UsageError(f"{len(anns)} annotations in {self.ann_file} have boxes with non-positive width or "
+                             f"height, or outside their image (annotation ids {first(a.get('id') for a in anns)}; e.g. bbox "
+                             f"{anns[0].get('bbox')} as [x, y, w, h]); fix them, or {SKIP_HINT}")
+        if invalid[UNKNOWN_IMAGE]:
+            anns = invalid[UNKNOWN_IMAGE]
+            raise UsageError(f"{len(anns)} annotations in {self.ann_file} refer to image ids that are not in its "
+                             f"'images' list ({first(sorted({a.get('image_id') for a in anns}, key=str))}); fix "
+                             f"the file, or {SKIP_HINT}")
+
+    def _targets(self, images: dict[int, dict], annotations: list[dict]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """image id -> (boxes [N, 4] float32 absolute xyxy clipped to the image, labels [N] int64), no crowds."""
+        boxes: dict[int, list] = {i: [] for i in images}
+        labels: dict[int, list] = {i: [] for i in images}
+        for ann in annotations:
+            if ann.get("iscrowd", 0):
+                continue
+            x, y, w, h = ann["bbox"]
+            boxes[ann["image_id"]].append((x, y, x + w, y + h))
+            labels[ann["image_id"]].append(self.label_of[ann["category_id"]])
+        targets = {}
+        for image_id, image in images.items():
+            xyxy = np.asarray(boxes[image_id], dtype=np.float32).reshape(-1, 4)
+            if "width" in image and "height" in image:  # COCO boxes sometimes overhang the image by a pixel
+                np.clip(xyxy, 0, [image["width"], image["height"], image["width"], image["height"]], out=xyxy)
+            targets[image_id] = (xyxy, np.asarray(labels[image_id], dtype=np.int64))
+        return targets
+
+    def _count(self, reason: str, count: int) -> None:
+        if count:
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+
+    def skip_summary(self) -> str:
+        """One line naming what skip_invalid dropped, or "" when nothing was."""
+        if not self.skipped:
+            return ""
+        parts = ", ".join(f"{count} ({reason})" for reason, count in self.skipped.items())
+        return f"{self.ann_file}: skipped {parts} (data.skip_invalid: true)"
+
+    def label_to_category(self, label: int) -> int:
+        """The COCO category id of contiguous label ``label``."""
+        return self.category_ids[int(label)]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, index: int) -> tuple:
+        """The raw pair: the PIL RGB image and its target with absolute xyxy boxes."""
+        image_id = self.ids[index]
+        image = load_rgb(str(self.image_dir / self.coco.imgs[image_id]["file_name"]))
+        boxes, labels = self.targets[image_id]
+        size = torch.tensor([image.height, image.width], dtype=torch.int64)
+        target = {"boxes": torch.from_numpy(boxes.copy()), "labels": torch.from_numpy(labels.copy()),
+                  "image_id": image_id, "orig_size": size, "size": size.clone()}
+        return image, target
+
+    def __getitem__(self, index: int):
+        image, target = self.load(index)
+        if self.transform is None:
+            return image, target
+        return self.transform(image, target)

@@ -1,0 +1,115 @@
+"""DETR-style detection transforms on ``(PIL image, target)`` pairs, and the padding collate.
+
+A target is a dict: ``boxes`` float [N, 4] (absolute pixel xyxy on the way in, normalised cxcywh
+in [0, 1] on the way out), ``labels`` int64 [N], ``image_id`` int, ``orig_size`` int64 [2] (h, w of
+the image as read), ``size`` int64 [2] (h, w of the transformed, unpadded image).
+
+Training: random horizontal flip; with probability ``crop_prob`` a random crop whose sides are
+drawn in [crop[0], crop[1]] pixels (boxes clipped to it; boxes left at most 1 px wide or high are
+dropped with their labels); then a resize of the shorter side to a random one of ``scales``, capped
+so the longer side is at most ``max_size``. Evaluation: resize the shorter side to max(scales),
+with the same cap. Random draws come from torch's global generator (seeded per sample by
+dfx.data.seeded), so a sample's augmentation depends only on its seed.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+# a box at most this many pixels wide or high after a crop no longer shows its object
+MIN_BOX_SIDE = 1.0
+
+
+def resized_shape(height: int, width: int, shorter: int, max_size: int) -> tuple[int, int]:
+    """(h, w) with the shorter side ``shorter``, scaled down so the longer side is <= ``max_size``."""
+    scale = shorter / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+class DetectionTransform:
+    """``(PIL image, target with absolute xyxy boxes) -> (image [3, h, w] float normalised, target)``.
+
+    The output target's boxes are cxcywh normalised by the output (unpadded) size (w, h, w, h).
+    """
+
+    def __init__(self, train: bool, scales: list[int], max_size: int, crop: list[int] | None = None,
+                 crop_prob: float = 0.5, hflip: float = 0.5, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+        if not scales:
+            raise ValueError("scales: expected at least one size for the shorter side")
+        if crop is not None and (len(crop) != 2 or not 0 < crop[0] <= crop[1]):
+            raise ValueError(f"crop: expected [min, max] side lengths in pixels with 0 < min <= max, got {crop}")
+        self.train = train
+        self.scales = [int(s) for s in scales]
+        self.max_size = int(max_size)
+        self.crop = crop
+        self.crop_prob = crop_prob
+        self.hflip = hflip
+        self.mean = list(mean)
+        self.std = list(std)
+
+    def __call__(self, image: Image.Image, target: dict) -> tuple[Tensor, dict]:
+        from torchvision import tv_tensors
+        from torchvision.ops import box_convert
+        from torchvision.transforms.v2 import functional as F
+
+        boxes = tv_tensors.BoundingBoxes(torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4),
+                                         format="XYXY", canvas_size=(image.height, image.width))
+        labels = torch.as_tensor(target["labels"], dtype=torch.int64)
+        if self.train:
+            if torch.rand(()) < self.hflip:
+                image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
+            if self.crop is not None and torch.rand(()) < self.crop_prob:
+                image, boxes, labels = self._random_crop(image, boxes, labels)
+            shorter = self.scales[int(torch.randint(len(self.scales), ()))]
+        else:
+            shorter = max(self.scales)
+        size = list(resized_shape(image.height, image.width, shorter, self.max_size))
+        image, boxes = F.resize(image, size, antialias=True), F.resize(boxes, size)
+
+        tensor = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
+        tensor = F.normalize(tensor, mean=self.mean, std=self.std)
+        height, width = size
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        out = dict(target)
+        out["boxes"] = box_convert(boxes.as_subclass(Tensor), "xyxy", "cxcywh") / scale
+        out["labels"] = labels
+        out["size"] = torch.tensor(size, dtype=torch.int64)
+        return tensor, out
+
+    def _random_crop(self, image, boxes, labels):
+        """A crop of random size in [crop[0], crop[1]] per side (at most the image), boxes clipped to it."""
+        from torchvision import tv_tensors
+        from torchvision.transforms.v2 import functional as F
+
+        low, high = self.crop
+        crop_h = int(torch.randint(min(low, image.height), min(high, image.height) + 1, ()))
+        crop_w = int(torch.randint(min(low, image.width), min(high, image.width) + 1, ()))
+        top = int(torch.randint(image.height - crop_h + 1, ()))
+        left = int(torch.randint(image.width - crop_w + 1, ()))
+        image = F.crop(image, top, left, crop_h, crop_w)
+        boxes = F.clamp_bounding_boxes(F.crop(boxes, top, left, crop_h, crop_w))
+        keep = ((boxes[:, 2] - boxes[:, 0]) > MIN_BOX_SIDE) & ((boxes[:, 3] - boxes[:, 1]) > MIN_BOX_SIDE)
+        # indexing returns a plain tensor; re-wrap so the resize that follows still treats it as boxes
+        return image, tv_tensors.wrap(boxes[keep], like=boxes), labels[keep]
+
+
+def collate_detection(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, Tensor, list[dict]]:
+    """Pad a list of ``(image [3, h_i, w_i], target)`` into one batch.
+
+    Returns images [B, 3, Hmax, Wmax] (zeros in the padding, bottom and right), masks
+    [B, Hmax, Wmax] bool (True = padding, as the detector's attention masks expect) and the
+    targets, unchanged, as a list.
+    """
+    images = [image for image, _ in batch]
+    height = max(image.shape[1] for image in images)
+    width = max(image.shape[2] for image in images)
+    padded = images[0].new_zeros(len(images), images[0].shape[0], height, width)
+    masks = torch.ones(len(images), height, width, dtype=torch.bool)
+    for i, image in enumerate(images):
+        padded[i, :, :image.shape[1], :image.shape[2]] = image
+        masks[i, :image.shape[1], :image.shape[2]] = False
+    return padded, masks, [target for _, target in batch]

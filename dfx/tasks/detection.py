@@ -1,0 +1,295 @@
+"""Object detection: Deformable-DETR / H-Deformable-DETR trained on COCO-format data.
+
+Recipe sections: ``model`` (:class:`ModelConfig`: the architecture and H-DETR's hybrid branch),
+``loss`` (:class:`LossConfig`: matcher costs and loss weights), ``data`` (:class:`DataConfig`: a
+COCO root or the embedded ``shapes-det``, DETR-style augmentation), ``train``
+(:class:`TrainConfig`: the shared one plus the backbone learning rate), ``eval`` (metric ``AP``).
+
+Batches are ``(images [B, 3, H, W], masks [B, H, W] True at padding, targets)`` with targets'
+boxes cxcywh normalised to each unpadded image. Evaluation runs pycocotools on the validation
+annotation file; the predictions are written in COCO results format beside the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal, Union
+
+import torch
+from torch import Tensor
+
+from dfx.data.coco import CocoDetection, coco_split_paths
+from dfx.data.det_transforms import DetectionTransform, collate_detection
+from dfx.detection import DeformableDETR, DetectorConfig, HungarianMatcher, SetCriterion, postprocess
+from dfx.errors import UsageError
+from dfx.recipe import EvalConfig as BaseEvalConfig
+from dfx.recipe import TrainConfig as BaseTrainConfig
+from dfx.tasks.classification import data_root
+
+
+@dataclass
+class ModelConfig:
+    """The detector. Every paper switch is a value here; ``one2many_queries: 0`` is Deformable-DETR."""
+
+    backbone: str = "resnet50"
+    pretrained: Union[str, None] = None  # backbone weights: a dfx.hub spec (r50, a timm name, a file, hf://)
+    backbone_kwargs: dict = field(default_factory=dict)  # extra timm arguments, e.g. narrower channels
+    frozen_bn: bool = True
+    dim: int = 256
+    heads: int = 8
+    levels: int = 4
+    points: int = 4
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    ffn_dim: int = 1024
+    dropout: float = 0.1
+    two_stage: bool = False
+    box_refine: bool = False
+    mixed_query_selection: bool = False
+    look_forward_twice: bool = False
+    one2one_queries: int = 300
+    one2many_queries: int = 0
+    one2many_k: int = 6
+    one2many_weight: float = 1.0
+    hybrid_attention: Literal["grouped", "masked"] = "grouped"
+    detections: int = 100  # kept per image after top-k post-processing
+
+    def validate(self, prefix: str) -> None:
+        try:
+            self.detector_config(1).validate()
+        except ValueError as e:
+            raise UsageError(f"{prefix}: {e}") from None
+        if self.one2many_k < 1 or self.one2many_weight < 0:
+            raise UsageError(f"{prefix}.one2many_k must be >= 1 and {prefix}.one2many_weight >= 0, got "
+                             f"{self.one2many_k} and {self.one2many_weight}")
+        if self.detections < 1:
+            raise UsageError(f"{prefix}.detections: expected >= 1, got {self.detections}")
+
+    def detector_config(self, num_classes: int) -> DetectorConfig:
+        names = {f.name for f in fields(DetectorConfig)}
+        values = {k: v for k, v in vars(self).items() if k in names}
+        return DetectorConfig(num_classes=num_classes, backbone_weights=self.pretrained, **values)
+
+
+@dataclass
+class LossConfig:
+    """Hungarian matcher costs and loss weights (Deformable-DETR's: focal 2, L1 5, GIoU 2)."""
+
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    class_weight: float = 2.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+    def validate(self, prefix: str) -> None:
+        for name, value in vars(self).items():
+            if value < 0:
+                raise UsageError(f"{prefix}.{name}: expected a value >= 0, got {value}")
+        if not 0 <= self.focal_alpha <= 1:
+            raise UsageError(f"{prefix}.focal_alpha: expected a value in [0, 1], got {self.focal_alpha}")
+
+
+@dataclass
+class DataConfig:
+    """A COCO-format root (``train2017/ val2017/ annotations/``, or ``train/ val/ annotations/{train,val}.json``)
+    or ``shapes-det``, and DETR-style augmentation (sizes in pixels)."""
+
+    root: str = "datasets/coco"
+    scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
+    max_size: int = 1333
+    crop: Union[list[int], None] = field(default_factory=lambda: [384, 600])  # random crop side range; null: none
+    crop_prob: float = 0.5
+    hflip: float = 0.5
+    category_ids: Union[list[int], None] = None  # the classes, as annotation category ids; null: all in the file
+    skip_invalid: bool = False  # drop (and count) invalid boxes and unknown categories instead of failing
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+    def validate(self, prefix: str) -> None:
+        if not self.scales or min(self.scales) < 1:
+            raise UsageError(f"{prefix}.scales: expected a list of positive shorter-side sizes, got {self.scales}")
+        if self.max_size < max(self.scales):
+            raise UsageError(f"{prefix}.max_size {self.max_size} is below the largest scale {max(self.scales)}")
+        if self.crop is not None and (len(self.crop) != 2 or not 0 < self.crop[0] <= self.crop[1]):
+            raise UsageError(f"{prefix}.crop: expected [min, max] side in pixels or null, got {self.crop}")
+        for name in ("crop_prob", "hflip"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UsageError(f"{prefix}.{name}: expected a probability in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig(BaseTrainConfig):
+    """The shared ``train`` section plus the detector's learning-rate groups."""
+
+    backbone_lr: float = 2e-5
+    offset_lr_mult: float = 0.1  # sampling offsets and reference-point heads train at lr × this
+
+
+@dataclass
+class EvalConfig(BaseEvalConfig):
+    batch_size: int = 8
+    metric: str = "AP"
+    draw_images: int = 8  # val images drawn with their predictions into predictions.png
+
+
+SECTIONS = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def validate_recipe(recipe) -> None:
+    if recipe.train.backbone_lr < 0 or recipe.train.offset_lr_mult < 0:
+        raise UsageError("train.backbone_lr and train.offset_lr_mult must be >= 0")
+
+
+class Task:
+    """Builders and per-batch logic for detection; the engine owns the loop."""
+
+    best_metric = "AP"
+    collate_fn = staticmethod(collate_detection)
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+        self.classes: list[str] | None = None
+        self.output_dir: Path | None = None  # where evaluation writes predictions and plots
+        self.outputs: dict = {}  # files the last evaluation wrote
+        self._datasets: dict = {}
+
+    def dataset(self, split: str) -> CocoDetection:
+        if split in self._datasets:
+            return self._datasets[split]
+        data = self.recipe.data
+        image_dir, ann_file = coco_split_paths(data_root(data.root), split)
+        transform = DetectionTransform(split == "train", scales=data.scales, max_size=data.max_size, crop=data.crop,
+                                       crop_prob=data.crop_prob, hflip=data.hflip, mean=data.mean, std=data.std)
+        dataset = CocoDetection(image_dir, ann_file, transform, category_ids=data.category_ids,
+                                skip_invalid=data.skip_invalid)
+        if any(dataset.skipped.values()):
+            print(f"dfx: {ann_file}: {dataset.skip_summary()}", flush=True)
+        if self.classes is None:
+            self.classes = list(dataset.classes)
+        elif len(dataset.classes) != len(self.classes):
+            raise UsageError(f"data.root: {data.root} has {len(dataset.classes)} classes but the model was trained "
+                             f"on {len(self.classes)} ({', '.join(self.classes)}); set data.category_ids")
+        self._datasets[split] = dataset
+        return dataset
+
+    def build_model(self) -> DeformableDETR:
+        if self.classes is None:
+            self.dataset("val")
+        try:
+            return DeformableDETR(self.recipe.model.detector_config(len(self.classes)))
+        except ValueError as e:
+            raise UsageError(f"model: {e}") from None
+
+    def criterion(self) -> SetCriterion:
+        loss, model = self.recipe.loss, self.recipe.model
+        matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.focal_alpha, loss.focal_gamma)
+        return SetCriterion(len(self.classes), matcher, loss.class_weight, loss.bbox_weight, loss.giou_weight,
+                            loss.focal_alpha, loss.focal_gamma, model.one2many_k, model.one2many_weight)
+
+    def param_groups(self, model) -> list[dict]:
+        """Backbone at ``train.backbone_lr``; sampling offsets and reference points at lr × offset_lr_mult."""
+        t = self.recipe.train
+        groups = {"backbone": [], "offsets": [], "rest": []}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith("backbone."):
+                groups["backbone"].append(param)
+            elif "sampling_offsets" in name or name.startswith("reference_points"):
+                groups["offsets"].append(param)
+            else:
+                groups["rest"].append(param)
+        lrs = {"rest": t.lr, "backbone": t.backbone_lr, "offsets": t.lr * t.offset_lr_mult}
+        return [{"params": params, "lr": lrs[name]} for name, params in groups.items() if params]
+
+    def info(self) -> dict:
+        return {"classes": self.classes}
+
+    def loss(self, model, batch) -> tuple[Tensor, dict]:
+        if not hasattr(self, "_criterion"):
+            self._criterion = self.criterion()
+        images, masks, targets = batch
+        return self._criterion(model(images, masks), targets)
+
+    def evaluator(self) -> "Evaluator":
+        dataset = self.dataset("val")
+        return Evaluator(self, dataset)
+
+
+class Evaluator:
+    """COCO bbox evaluation of the top-k detections of every validation image.
+
+    State: the detections in COCO results format (gathered over ranks). ``summarize`` runs
+    pycocotools and returns AP, AP50, AP75, APs/m/l, AR1/10/100, ARs/m/l and ``AP/<class>``; with
+    ``task.output_dir`` set it also writes ``predictions.json``, ``pr_curve.png`` and
+    ``predictions.png`` (the first ``eval.draw_images`` images with their boxes) there.
+    """
+
+    def __init__(self, task: Task, dataset: CocoDetection):
+        self.task, self.dataset = task, dataset
+        self.results: list[dict] = []
+        self.drawn: list[tuple] = []
+
+    @torch.no_grad()
+    def update(self, model, batch) -> None:
+        from dfx.detection.coco_eval import to_coco_results
+
+        images, masks, targets = batch
+        outputs = model(images, masks)
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(images.device)
+        detections = postprocess(outputs, sizes, self.task.recipe.model.detections)
+        self.results += to_coco_results([int(t["image_id"]) for t in targets], [d["boxes"].cpu() for d in detections],
+                                        [d["scores"].cpu() for d in detections],
+                                        [d["labels"].cpu() for d in detections], self.dataset.category_ids)
+        wanted = self.task.recipe.eval.draw_images
+        if self.task.output_dir is not None and len(self.drawn) < wanted:
+            for target, found in zip(targets, detections):
+                if len(self.drawn) < wanted:
+                    self.drawn.append((int(target["image_id"]), {k: v.cpu() for k, v in found.items()}))
+
+    def state(self) -> dict:
+        return {"results": self.results}
+
+    def summarize(self, states: list[dict]) -> dict:
+        from dfx.detection.coco_eval import class_ap, run_cocoeval
+
+        results = [r for s in states for r in s["results"]]
+        metrics, cocoeval = run_cocoeval(self.dataset.coco, results)
+        metrics.update({f"AP/{name}": value for name, value in class_ap(cocoeval).items()})
+        if self.task.output_dir is not None and _is_main():
+            self.task.outputs = self._write(results, cocoeval)
+        return metrics
+
+    def _write(self, results: list[dict], cocoeval) -> dict:
+        import numpy as np
+        from PIL import Image
+
+        from dfx.detection.coco_eval import write_results
+        from dfx.detection.plots import draw_predictions, plot_pr_curve
+
+        folder = Path(self.task.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {"predictions": folder / "predictions.json", "annotations": Path(self.dataset.ann_file)}
+        write_results(files["predictions"], results)
+        plot_pr_curve(cocoeval, folder / "pr_curve.png")
+        files["pr_curve"] = folder / "pr_curve.png"
+        if self.drawn:
+            coco = self.dataset.coco
+            pictures = [np.asarray(Image.open(Path(self.dataset.image_dir) / coco.imgs[i]["file_name"]).convert("RGB"))
+                        for i, _ in self.drawn]
+            draw_predictions(pictures, [d for _, d in self.drawn], self.classes, folder / "predictions.png")
+            files["picture"] = folder / "predictions.png"
+        return {k: str(v) for k, v in files.items()}
+
+    @property
+    def classes(self) -> list[str]:
+        return self.task.classes
+
+
+def _is_main() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
