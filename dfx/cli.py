@@ -187,6 +187,9 @@ def eval_(
 
     def show(result: dict) -> None:
         out.print(_metrics_table(f"{result['checkpoint']} (epoch {result['epoch']})", result["metrics"]))
+        for key in ("predictions", "annotations", "pr_curve", "picture"):
+            if key in result:
+                out.print(f"{key}: {result[key]}", highlight=False)
 
     run(work, json_out=json_out, debug=debug, show=show)
 

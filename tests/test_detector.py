@@ -168,7 +168,8 @@ def test_encoder_and_aux_terms_are_all_counted():
     criterion = SetCriterion(3, one2many_k=2)
     total, logs = criterion(outputs, TARGETS)
     assert float(total.detach()) == pytest.approx(logs["one2one"] + logs["enc"] + logs["one2many"], rel=1e-5)
-    assert outputs["enc_outputs"]["pred_logits"].shape[1] == sum(h * w for h, w in [(8, 10), (4, 5), (2, 3), (1, 2)])
+    # 64x80 inputs padded to 64x96 (a multiple of stride 32): levels 8x12, 4x6, 2x3, 1x2
+    assert outputs["enc_outputs"]["pred_logits"].shape[1] == sum(h * w for h, w in [(8, 12), (4, 6), (2, 3), (1, 2)])
     total.backward()
     assert model.backbone.body.conv1[0].weight.grad.abs().sum() > 0
     assert model.enc_class_head.weight.grad.abs().sum() > 0 and model.content_queries.weight.grad[5:].abs().sum() > 0
@@ -202,3 +203,13 @@ def test_bad_switch_combinations_are_named():
         build(look_forward_twice=True)
     with pytest.raises(ValueError, match="hybrid_attention"):
         build(hybrid_attention="sparse")
+
+
+def test_any_input_size_and_a_swin_backbone():
+    """Inputs are padded to the backbone's largest stride; Swin runs at sizes other than 224."""
+    model = build(backbone="swin_tiny_patch4_window7_224").eval()
+    images = torch.randn(1, 3, 70, 100)
+    with torch.no_grad():
+        outputs = model(images)
+    assert outputs["pred_boxes"].shape == (1, 5, 4) and torch.isfinite(outputs["pred_boxes"]).all()
+    assert model.backbone.channels == [192, 384, 768] and model.backbone.strides == [8, 16, 32]

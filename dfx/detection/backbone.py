@@ -30,9 +30,15 @@ class Backbone(nn.Module):
     def __init__(self, name: str = "resnet50", pretrained: str | None = None, num_outs: int = 3,
                  frozen_bn: bool = False, kwargs: dict | None = None):
         super().__init__()
+        kwargs = dict(kwargs or {})
         try:
-            probe = hub.create_timm_model(name, pretrained=None, features_only=True, **(kwargs or {}))
-        except (TypeError, RuntimeError) as e:
+            try:  # ViT-style backbones (Swin) must accept any input size; CNNs have no such argument
+                probe = hub.create_timm_model(name, pretrained=None, features_only=True,
+                                              **{"strict_img_size": False, **kwargs})
+                kwargs.setdefault("strict_img_size", False)
+            except TypeError:
+                probe = hub.create_timm_model(name, pretrained=None, features_only=True, **kwargs)
+        except (TypeError, RuntimeError, UsageError) as e:
             raise UsageError(f"model.backbone: timm cannot build {name!r} as a multi-scale feature extractor "
                              f"({str(e).splitlines()[0]}); use a CNN or Swin name such as resnet50") from None
         stages = len(probe.feature_info)
@@ -41,7 +47,7 @@ class Backbone(nn.Module):
         out_indices = tuple(range(stages - num_outs, stages))
         del probe
         self.body = hub.create_timm_model(name, pretrained=pretrained, features_only=True, out_indices=out_indices,
-                                          **(kwargs or {}))
+                                          **kwargs)
         if frozen_bn:
             from timm.layers import freeze_batch_norm_2d
 
@@ -51,7 +57,16 @@ class Backbone(nn.Module):
         self.channels_last = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
 
     def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """images [B, 3, H, W], mask [B, H, W] (True = padding)."""
+        """images [B, 3, H, W], mask [B, H, W] (True = padding).
+
+        The batch is padded (bottom, right) to a multiple of the largest stride first, so every
+        stage sees whole windows and patches (Swin needs it) and levels line up exactly.
+        """
+        stride = max(self.strides)
+        pad_h, pad_w = -images.shape[-2] % stride, -images.shape[-1] % stride
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))
+            mask = F.pad(mask, (0, pad_w, 0, pad_h), value=True)
         outs = []
         for feature in self.body(images):
             if self.channels_last:
