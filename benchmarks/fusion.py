@@ -29,10 +29,8 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from dfx.fusion import GeminiFusion
+from dfx.fusion import CrossModalAttention, GeminiFusion
 
 # (batch, tokens, channels) of MiT stages: stages 1-2 of a 256x256 input (64x64, 32x32
 # tokens), stages 3-4 of a 480x640 NYUDv2 input (30x40, 15x20); heads=8 as in the official code.
@@ -56,29 +54,6 @@ def official_style_fusion(module: GeminiFusion, x0: torch.Tensor, x1: torch.Tens
             fused, _ = attn[d](s.unsqueeze(0), keys, values)
             outputs[d].append(s + fused[0])
     return torch.stack(outputs[0]), torch.stack(outputs[1])
-
-
-class CrossModalAttention(nn.Module):
-    """Baseline fusion: each token of x0 attends over all tokens of x1 and vice versa.
-
-    forward(x0, x1) with [B, N, C] inputs -> (y0, y1), y = x + attention output.
-    """
-
-    def __init__(self, dim: int, heads: int = 1):
-        super().__init__()
-        self.heads = heads
-        self.query = nn.ModuleList(nn.Linear(dim, dim) for _ in range(2))
-        self.key_value = nn.ModuleList(nn.Linear(dim, 2 * dim) for _ in range(2))
-        self.out = nn.ModuleList(nn.Linear(dim, dim) for _ in range(2))
-
-    def forward(self, x0, x1):
-        outputs = []
-        for d, (s, o) in enumerate(((x0, x1), (x1, x0))):
-            q = self.query[d](s).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, h, N, c]
-            k, v = self.key_value[d](o).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
-            fused = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-            outputs.append(s + self.out[d](fused))
-        return tuple(outputs)
 
 
 def timed_call(fn, backward: bool, device: torch.device) -> float:

@@ -32,7 +32,9 @@ from dfx.errors import UsageError
 # Task name -> module defining it. A plain table, read lazily: importing dfx registers nothing.
 TASK_MODULES = {
     "classification": "dfx.tasks.classification",
+    "detection": "dfx.tasks.detection",
     "distillation": "dfx.tasks.distillation",
+    "fusion": "dfx.tasks.fusion",
     "segmentation": "dfx.tasks.segmentation",
 }
 

@@ -13,6 +13,8 @@ from PIL import Image, ImageDraw
 
 from dfx.data.cache import ensure_dataset
 from dfx.data.shapes import CLS_SHAPES, contrasting_colour, draw_shape, shape_polygon, textured_background
+from dfx.data.shapes_det import SHAPES_DET_VERSION, generate_shapes_det
+from dfx.data.shapes_rgbd import SHAPES_RGBD_VERSION, generate_shapes_rgbd
 
 SHAPES_CLS_VERSION = 2
 SHAPES_SEG_VERSION = 1
@@ -104,6 +106,8 @@ def class_colour(rng: np.random.Generator, kind: int) -> tuple:
 EMBEDDED = {
     "shapes-cls": (f"shapes-cls-v{SHAPES_CLS_VERSION}", generate_shapes_cls),
     "shapes-seg": (f"shapes-seg-v{SHAPES_SEG_VERSION}", generate_shapes_seg),
+    "shapes-rgbd": (f"shapes-rgbd-v{SHAPES_RGBD_VERSION}", generate_shapes_rgbd),
+    "shapes-det": (f"shapes-det-v{SHAPES_DET_VERSION}", generate_shapes_det),
 }
 
 

@@ -1,0 +1,412 @@
+"""Multi-modal semantic segmentation (GeminiFusion and its baselines): ``task: fusion``.
+
+Recipe sections: ``model`` (:class:`ModelConfig`: MiT variant, fusion strategy, weights),
+``data`` (:class:`DataConfig`: a multi-modal root, dfx.data.multimodal, or ``shapes-rgbd``),
+``train`` (:class:`TrainConfig`: the shared one plus the decoder's learning-rate multiplier),
+``eval`` (segmentation's, metric ``mIoU`` of the ensemble).
+
+Model: dfx.fusion.MultiModalMiT + one SegFormer head over every stream + a learned ensemble.
+Loss: cross-entropy (255 ignored) of the ensemble plus ``model.stream_loss`` times that of each
+stream, plus ``model.exchange_sparsity`` times the mean exchange score (``exchange`` only).
+Evaluation: mIoU, pixel accuracy and loss of the ensemble, and ``mIoU/<modality>`` per stream.
+
+:func:`fuse` trains one strategy; :func:`compare` trains several on the same data, seed and
+schedule and tabulates mIoU, parameters, GFLOPs and latency.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dfx import hub
+from dfx.data.multimodal import MultiModalFolder, MultiModalTransform
+from dfx.data.segmentation import IGNORE_INDEX
+from dfx.errors import UsageError
+from dfx.fusion.mit import MIT_VARIANTS, MultiModalMiT, load_mit_weights
+from dfx.fusion.segformer import FusionSegmenter
+from dfx.fusion.strategies import FUSIONS, TWO_STREAM
+from dfx.recipe import TrainConfig as BaseTrainConfig
+from dfx.recipe import load_recipe
+from dfx.tasks.classification import data_root
+from dfx.tasks.segmentation import EvalConfig, Evaluator
+
+Fusion = Literal["none", "concat", "exchange", "cross-attn", "gemini"]
+Variant = Literal["b0", "b1", "b2", "b3", "b4", "b5"]
+
+
+@dataclass
+class ModelConfig:
+    """The MiT backbone, the fusion strategy and the decoder.
+
+    ``embed_dims`` / ``depths`` / ``num_heads`` / ``mlp_ratios`` / ``sr_ratios`` (four values,
+    one per stage) replace the variant's sizes when set. ``pretrained``: an official SegFormer
+    ``mit_b*`` ImageNet checkpoint (weight spec for dfx.hub: file or hf://org/repo/file).
+    """
+
+    fusion: Fusion = "gemini"
+    variant: Variant = "b0"
+    pretrained: Union[str, None] = None
+    embed_dims: Union[list[int], None] = None
+    depths: Union[list[int], None] = None
+    num_heads: Union[list[int], None] = None
+    mlp_ratios: Union[list[int], None] = None
+    sr_ratios: Union[list[int], None] = None
+    drop_path_rate: float = 0.1
+    decoder_dim: int = 256  # SegFormer: 256 for B0/B1, 768 for B2-B5
+    dropout: float = 0.1
+    stream_loss: float = 1.0  # weight of each stream's own loss (the ensemble's is 1)
+    exchange_threshold: float = 0.02  # exchange: tokens scored below are replaced
+    exchange_sparsity: float = 0.01  # exchange: weight of the mean-score (L1) penalty
+
+    def sizes(self) -> dict:
+        names = ("embed_dims", "depths", "num_heads", "mlp_ratios", "sr_ratios")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def validate(self, prefix: str) -> None:
+        for name, values in self.sizes().items():
+            if len(values) != 4 or min(values) < 1:
+                raise UsageError(f"{prefix}.{name}: expected four positive values (one per stage), got {values}")
+        dims = self.embed_dims or MIT_VARIANTS[self.variant]["embed_dims"]
+        heads = self.num_heads or [1, 2, 5, 8]
+        bad = [(d, h) for d, h in zip(dims, heads) if d % h]
+        if bad:
+            raise UsageError(f"{prefix}: embed_dims must divide by num_heads stage by stage, got {dims} / {heads}")
+        if not 0 <= self.drop_path_rate < 1 or not 0 <= self.dropout < 1:
+            raise UsageError(f"{prefix}.drop_path_rate / dropout: expected values in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """A multi-modal segmentation root (or ``shapes-rgbd``) and the aligned augmentation.
+
+    ``modalities``: folder names in the order the model reads them (the first is the primary
+    stream; ``none`` uses it alone). ``image_size``: the training crop and evaluation size, an int
+    (square) or [height, width].
+    """
+
+    root: str = "shapes-rgbd"
+    modalities: list[str] = field(default_factory=lambda: ["rgb", "depth"])
+    labels: str = "labels"
+    train_split: str = "train.txt"
+    val_split: str = "val.txt"
+    classes: Union[list[str], None] = None  # default: <root>/classes.txt
+    image_size: Union[int, list[int]] = 64
+    scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
+    hflip: float = 0.5
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+
+    def validate(self, prefix: str) -> None:
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise UsageError(f"{prefix}.modalities: expected distinct folder names, got {self.modalities}")
+        size = [self.image_size] if isinstance(self.image_size, int) else self.image_size
+        if len(size) not in (1, 2) or min(size) < 1:
+            raise UsageError(f"{prefix}.image_size: expected a size or [height, width] in pixels, got {self.image_size}")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise UsageError(f"{prefix}.scale: expected [min, max] with 0 < min <= max <= 1, got {self.scale}")
+        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
+            raise UsageError(f"{prefix}.ratio: expected [min, max] with 0 < min <= max, got {self.ratio}")
+        if not 0 <= self.hflip <= 1:
+            raise UsageError(f"{prefix}.hflip: expected a probability in [0, 1], got {self.hflip}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise UsageError(f"{prefix}.mean/std: expected three values (every modality is read as 3 channels)")
+
+
+@dataclass
+class TrainConfig(BaseTrainConfig):
+    decoder_lr_mult: float = 1.0  # learning rate of the decode head and ensemble weights (paper: 10)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def validate_recipe(recipe) -> None:
+    if recipe.model.fusion in TWO_STREAM and len(recipe.data.modalities) < 2:
+        raise UsageError(f"model.fusion {recipe.model.fusion!r} fuses two or more modalities but data.modalities "
+                         f"lists {recipe.data.modalities}; add one or use model.fusion=none")
+
+
+def stream_names(modalities: list[str], fusion: str) -> list[str]:
+    """Names of the backbone's streams: the modality, or the merged ones joined by '+'."""
+    if fusion == "none":
+        return [modalities[0]]
+    if fusion == "concat":
+        return ["+".join(modalities)]
+    return [modalities[0], "+".join(modalities[1:])]
+
+
+class Task:
+    """Builders and per-batch logic for multi-modal segmentation; the engine owns the loop."""
+
+    best_metric = "mIoU"
+    collate_fn = None
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+        self.classes: list[str] | None = None
+        self.weights_report: dict | None = None
+
+    def dataset(self, split: str) -> MultiModalFolder:
+        data = self.recipe.data
+        transform = MultiModalTransform(data.size, split == "train", scale=data.scale, ratio=data.ratio,
+                                        hflip=data.hflip, mean=data.mean, std=data.std)
+        dataset = MultiModalFolder(data_root(data.root), split, data.modalities, labels=data.labels,
+                                   split_file=data.train_split if split == "train" else data.val_split,
+                                   classes=data.classes, transform=transform)
+        if self.classes is None:
+            self.classes = dataset.classes
+        elif len(dataset.classes) != len(self.classes):
+            raise UsageError(f"data.root: {data.root} has {len(dataset.classes)} classes but the model was trained on "
+                             f"{len(self.classes)} ({', '.join(self.classes)})")
+        return dataset
+
+    def build_model(self) -> FusionSegmenter:
+        if self.classes is None:
+            self.dataset("val")
+        m = self.recipe.model
+        try:
+            backbone = MultiModalMiT(m.variant, len(self.recipe.data.modalities), m.fusion,
+                                     drop_path_rate=m.drop_path_rate, exchange_threshold=m.exchange_threshold,
+                                     **m.sizes())
+        except ValueError as e:
+            raise UsageError(f"model: {e}") from None
+        if m.pretrained:
+            state = hub.load_state_dict(hub.resolve(m.pretrained))
+            self.weights_report = load_mit_weights(backbone, state, source=m.pretrained)
+        return FusionSegmenter(backbone, len(self.classes), m.decoder_dim, m.dropout)
+
+    def info(self) -> dict:
+        return {"classes": self.classes, "modalities": list(self.recipe.data.modalities)}
+
+    def param_groups(self, model: FusionSegmenter) -> list[dict]:
+        """AdamW groups: no weight decay on 1-d tensors (norms, biases); decoder lr x decoder_lr_mult."""
+        t = self.recipe.train
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                decoder = not name.startswith("backbone.")
+                groups.setdefault((decoder, param.ndim > 1), []).append(param)
+        return [{"params": params, "weight_decay": t.weight_decay if decay else 0.0,
+                 "lr_scale": t.decoder_lr_mult if decoder else 1.0}
+                for (decoder, decay), params in sorted(groups.items())]
+
+    def loss(self, model, batch) -> tuple[Tensor, dict]:
+        images, labels = batch
+        out = model(images, streams=True)
+        loss = F.cross_entropy(out["ensemble"], labels, ignore_index=IGNORE_INDEX)
+        if len(out["streams"]) > 1:
+            for logits in out["streams"]:
+                loss = loss + self.recipe.model.stream_loss * F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        logs = {}
+        segmenter = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+        sparsity = segmenter.sparsity_loss()
+        if sparsity is not None:
+            loss = loss + self.recipe.model.exchange_sparsity * sparsity
+            modules = segmenter.backbone.fusion_modules()
+            logs["exchanged"] = sum(m.exchanged for m in modules) / len(modules)
+        return loss, logs
+
+    def evaluator(self) -> "FusionEvaluator":
+        return FusionEvaluator(self.classes, stream_names(self.recipe.data.modalities, self.recipe.model.fusion))
+
+
+class FusionEvaluator:
+    """Segmentation metrics of the ensemble (mIoU, pixel_acc, loss, iou/<class>) plus mIoU per stream.
+
+    One :class:`dfx.tasks.segmentation.Evaluator` counts the ensemble's predictions and one each
+    stream's; per-stream results appear as ``mIoU/<stream name>`` when there are two streams.
+    """
+
+    def __init__(self, classes: list[str], streams: list[str]):
+        self.ensemble = Evaluator(classes)
+        self.names = list(streams)
+        self.streams = [Evaluator(classes) for _ in streams] if len(streams) > 1 else []
+
+    @torch.no_grad()
+    def update(self, model, batch) -> None:
+        images, labels = batch
+        out = model(images, streams=True)
+        for evaluator, logits in [(self.ensemble, out["ensemble"]), *zip(self.streams, out["streams"])]:
+            evaluator.add(logits.float().argmax(1), labels)
+        self.ensemble.loss_sum += float(F.cross_entropy(out["ensemble"].float(), labels, ignore_index=IGNORE_INDEX,
+                                                        reduction="sum"))
+
+    def state(self) -> dict:
+        return {"ensemble": self.ensemble.state(), "streams": [e.state() for e in self.streams], "names": self.names}
+
+    @staticmethod
+    def summarize(states: list[dict]) -> dict:
+        metrics = Evaluator.summarize([s["ensemble"] for s in states])
+        for i, name in enumerate(states[0]["names"] if states[0]["streams"] else []):
+            metrics[f"mIoU/{name}"] = Evaluator.summarize([s["streams"][i] for s in states])["mIoU"]
+        return metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# dfx fuse
+
+
+def fusion_overrides(overrides: Iterable[str], fusion: str | None) -> list[str]:
+    overrides = list(overrides)
+    if fusion is not None:
+        check_fusion(fusion)
+        overrides.append(f"model.fusion={fusion}")
+    return overrides
+
+
+def check_fusion(name: str) -> str:
+    if name not in FUSIONS:
+        match = difflib.get_close_matches(name, FUSIONS, n=1)
+        hint = f" (did you mean {match[0]}?)" if match else ""
+        raise UsageError(f"fusion {name!r} is not a strategy{hint}; choose from {', '.join(FUSIONS)}")
+    return name
+
+
+def _load(recipe: str | Path, overrides: list[str]):
+    resolved = load_recipe(recipe, overrides)
+    if resolved.task != "fusion":
+        raise UsageError(f"{recipe}: task is {resolved.task!r}; dfx fuse takes a fusion recipe (task: fusion, e.g. "
+                         "recipes/gemini-shapes.yaml); use dfx train for other tasks")
+    return resolved
+
+
+def fuse(recipe: str | Path, overrides: Iterable[str] = (), *, fusion: str | None = None, out=None,
+         device: str = "auto", quiet: bool = False, dry_run: bool = False) -> dict:
+    """Train and evaluate one fusion strategy; returns train's result plus ``"fusion"``."""
+    from dfx.engine.trainer import train
+
+    resolved = _load(recipe, fusion_overrides(overrides, fusion))
+    if dry_run:
+        return resolved.to_dict()
+    result = train(resolved, out=out, device=device, quiet=quiet)
+    return {**result, "fusion": resolved.model.fusion}
+
+
+def compare(recipe: str | Path, strategies: str | list[str], overrides: Iterable[str] = (), *, out=None,
+            device: str = "auto", quiet: bool = False, latency_repeats: int = 10) -> dict:
+    """Train every strategy with the recipe's data, seed and schedule; tabulate and save the results.
+
+    Each strategy trains into its own run directory (``runs/fusion/<recipe>-<strategy>``, or
+    ``<out>/<strategy>``). The table (final-epoch metrics, parameters, GFLOPs per image and the
+    median batch-1 latency of the strategies measured side by side) is written as compare.json,
+    compare.csv, compare.md and compare.png into ``runs/fusion/<recipe>-compare[-N]`` (or
+    ``<out>/compare``). Returns ``{"rows": [...], "table_dir": ..., "device": ...}``.
+    """
+    from dfx.bench import compare_latency, count_flops, summarize_times
+    from dfx.engine import distributed as D
+    from dfx.engine.rundir import new_run_dir
+    from dfx.engine.trainer import train
+
+    names = [s.strip() for s in strategies.split(",")] if isinstance(strategies, str) else list(strategies)
+    names = [check_fusion(s) for s in names if s]
+    if len(names) < 1 or len(set(names)) != len(names):
+        raise UsageError(f"--compare {strategies!r}: expected distinct strategies separated by commas, e.g. "
+                         "none,concat,exchange,cross-attn,gemini")
+    overrides = list(overrides)
+    recipes = {s: _load(recipe, [*overrides, f"model.fusion={s}"]) for s in names}  # all checked before training
+    rows, models = [], {}
+    for strategy, resolved in recipes.items():
+        resolved.name = f"{resolved.name}-{strategy}"
+        result = train(resolved, out=Path(out) / strategy if out else None, device=device, quiet=quiet)
+        metrics = result["metrics"]
+        rows.append({"fusion": strategy, "mIoU": metrics.get("mIoU"), "pixel_acc": metrics.get("pixel_acc"),
+                     **{k: v for k, v in metrics.items() if k.startswith("mIoU/")},
+                     "run_dir": result["run_dir"], "train_s": result["elapsed_s"]})
+        measured = _load(recipe, [*overrides, f"model.fusion={strategy}", "model.pretrained=null"])
+        models[strategy] = Task(measured).build_model().eval()
+    dev = D.resolve_device(device)
+    first = next(iter(recipes.values()))
+    example = torch.randn(1, len(first.data.modalities), 3, *first.data.size, device=dev)
+    models = {name: model.to(dev) for name, model in models.items()}
+    times = compare_latency(models, example, warmup=3, repeats=latency_repeats)
+    for row in rows:
+        model = models[row["fusion"]]
+        row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        row["gflops"] = count_flops(model, example) / 1e9
+        row["latency_ms"] = summarize_times(times[row["fusion"]], 1)["latency_ms"]
+    folder = new_run_dir("fusion", f"{Path(recipe).stem}-compare", Path(out) / "compare" if out else None)
+    settings = {"recipe": str(recipe), "overrides": overrides, "epochs": first.train.epochs, "seed": first.train.seed,
+                "image_size": list(first.data.size), "modalities": first.data.modalities,
+                "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+                "threads": torch.get_num_threads(), "torch": torch.__version__}
+    write_compare(folder, rows, settings)
+    return {"rows": rows, "table_dir": str(folder), **settings}
+
+
+def compare_columns(rows: list[dict]) -> list[str]:
+    streams = list(dict.fromkeys(k for row in rows for k in row if k.startswith("mIoU/")))  # modality order
+    return ["fusion", "mIoU", *streams, "pixel_acc", "params_m", "gflops", "latency_ms", "train_s"]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The comparison as a Markdown table (mIoU and pixel accuracy in %)."""
+    columns = compare_columns(rows)
+    header = {"mIoU": "mIoU (ensemble)", "pixel_acc": "pixel acc", "params_m": "params (M)", "gflops": "GFLOPs",
+              "latency_ms": "latency (ms)", "train_s": "train (s)"}
+    lines = ["| " + " | ".join(header.get(c, c) for c in columns) + " |",
+             "|" + "|".join("---" if c == "fusion" else "---:" for c in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(format_cell(c, row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_cell(column: str, value) -> str:
+    """One table cell: mIoU and pixel accuracy in %, other numbers to 3 significant digits."""
+    if value is None:
+        return "-"
+    if column.startswith("mIoU") or column == "pixel_acc":
+        return f"{100 * value:.1f}"
+    if column == "train_s":
+        return f"{value:.0f}"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def write_compare(folder: Path, rows: list[dict], settings: dict) -> None:
+    """compare.json (rows + settings), compare.csv, compare.md and compare.png (mIoU bars) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "compare.json").write_text(json.dumps({"rows": rows, "settings": settings}, indent=1))
+    columns = [*compare_columns(rows), "run_dir"]
+    with open(folder / "compare.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "compare.md").write_text(markdown_table(rows))
+    plot_compare(rows, folder / "compare.png")
+
+
+def plot_compare(rows: list[dict], path: Path) -> None:
+    """Bars of the ensemble mIoU per strategy, per-stream mIoU beside them, latency on the labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [c for c in compare_columns(rows) if c.startswith("mIoU")]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.6))
+    for j, key in enumerate(series):
+        values = [100 * (row.get(key) or 0) for row in rows]
+        ax.bar([i + (j - (len(series) - 1) / 2) * width for i in range(len(rows))], values, width,
+               label="ensemble" if key == "mIoU" else key.split("/", 1)[1])
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['fusion']}\n{r['latency_ms']:.1f} ms, {r['gflops']:.2f} GF" for r in rows], fontsize=8)
+    ax.set_ylabel("mIoU (%)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
