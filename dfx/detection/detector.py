@@ -39,8 +39,8 @@ class DetectorConfig:
 
     num_classes: int = 80
     backbone: str = "resnet50"
-    backbone_weights: str | None = None  # a dfx.hub spec; None: random init
-    backbone_kwargs: dict = field(default_factory=dict)
+    pretrained: str | None = None  # backbone weights: a dfx.hub spec (r50, a timm name, a file, hf://); None: random
+    backbone_kwargs: dict = field(default_factory=dict)  # extra timm arguments, e.g. narrower channels
     frozen_bn: bool = True
     dim: int = 256
     heads: int = 8
@@ -116,7 +116,7 @@ class DeformableDETR(nn.Module):
         config.validate()
         self.config = config
         c = config.dim
-        self.backbone = Backbone(config.backbone, config.backbone_weights, num_outs=min(3, config.levels),
+        self.backbone = Backbone(config.backbone, config.pretrained, num_outs=min(3, config.levels),
                                  frozen_bn=config.frozen_bn, kwargs=config.backbone_kwargs)
         self.input_proj = InputProjection(self.backbone.channels, c, config.levels)
         self.level_embed = nn.Parameter(torch.empty(config.levels, c).normal_())

@@ -68,6 +68,17 @@ def data_root(root: str) -> Path:
     return embedded_root(root) if is_embedded(root) else Path(root).expanduser()
 
 
+def agreed_classes(known: list[str] | None, found: list[str], root: str, hint: str = "") -> list[str]:
+    """The class list of a task: ``found`` in the data when nothing is known yet, else ``known`` (the
+    model's, e.g. from a checkpoint) provided the data has as many classes."""
+    if known is None:
+        return list(found)
+    if len(found) != len(known):
+        raise UsageError(f"data.root: {root} has {len(found)} classes but the model was trained on "
+                         f"{len(known)} ({', '.join(known)}){hint}")
+    return known
+
+
 def transforms(data: DataConfig, training: bool):
     from timm.data import create_transform
 

@@ -25,39 +25,23 @@ from dfx.detection import DeformableDETR, DetectorConfig, HungarianMatcher, SetC
 from dfx.errors import UsageError
 from dfx.recipe import EvalConfig as BaseEvalConfig
 from dfx.recipe import TrainConfig as BaseTrainConfig
-from dfx.tasks.classification import data_root
+from dfx.tasks.classification import agreed_classes, data_root
 
 
 @dataclass
-class ModelConfig:
-    """The detector. Every paper switch is a value here; ``one2many_queries: 0`` is Deformable-DETR."""
+class ModelConfig(DetectorConfig):
+    """The detector (every :class:`DetectorConfig` field; ``one2many_queries: 0`` is Deformable-DETR),
+    the hybrid branch's loss settings and post-processing. ``num_classes`` 0: from the data."""
 
-    backbone: str = "resnet50"
-    pretrained: Union[str, None] = None  # backbone weights: a dfx.hub spec (r50, a timm name, a file, hf://)
-    backbone_kwargs: dict = field(default_factory=dict)  # extra timm arguments, e.g. narrower channels
-    frozen_bn: bool = True
-    dim: int = 256
-    heads: int = 8
-    levels: int = 4
-    points: int = 4
-    encoder_layers: int = 6
-    decoder_layers: int = 6
-    ffn_dim: int = 1024
-    dropout: float = 0.1
-    two_stage: bool = False
-    box_refine: bool = False
-    mixed_query_selection: bool = False
-    look_forward_twice: bool = False
-    one2one_queries: int = 300
-    one2many_queries: int = 0
+    num_classes: int = 0
+    hybrid_attention: Literal["grouped", "masked"] = "grouped"
     one2many_k: int = 6
     one2many_weight: float = 1.0
-    hybrid_attention: Literal["grouped", "masked"] = "grouped"
     detections: int = 100  # kept per image after top-k post-processing
 
     def validate(self, prefix: str) -> None:
         try:
-            self.detector_config(1).validate()
+            self.detector_config(self.num_classes or 1).validate()
         except ValueError as e:
             raise UsageError(f"{prefix}: {e}") from None
         if self.one2many_k < 1 or self.one2many_weight < 0:
@@ -67,9 +51,12 @@ class ModelConfig:
             raise UsageError(f"{prefix}.detections: expected >= 1, got {self.detections}")
 
     def detector_config(self, num_classes: int) -> DetectorConfig:
+        if self.num_classes not in (0, num_classes):
+            raise UsageError(f"model.num_classes {self.num_classes} differs from the {num_classes} classes of the "
+                             "data; leave it 0 (the data decides) or set data.category_ids")
         names = {f.name for f in fields(DetectorConfig)}
         values = {k: v for k, v in vars(self).items() if k in names}
-        return DetectorConfig(num_classes=num_classes, backbone_weights=self.pretrained, **values)
+        return DetectorConfig(**{**values, "num_classes": num_classes})
 
 
 @dataclass
@@ -168,11 +155,7 @@ class Task:
                                 skip_invalid=data.skip_invalid)
         if any(dataset.skipped.values()):
             print(f"dfx: {ann_file}: {dataset.skip_summary()}", flush=True)
-        if self.classes is None:
-            self.classes = list(dataset.classes)
-        elif len(dataset.classes) != len(self.classes):
-            raise UsageError(f"data.root: {data.root} has {len(dataset.classes)} classes but the model was trained "
-                             f"on {len(self.classes)} ({', '.join(self.classes)}); set data.category_ids")
+        self.classes = agreed_classes(self.classes, dataset.classes, data.root, "; set data.category_ids")
         self._datasets[split] = dataset
         return dataset
 

@@ -36,7 +36,7 @@ from dfx.fusion.segformer import FusionSegmenter
 from dfx.fusion.strategies import FUSIONS, TWO_STREAM
 from dfx.recipe import TrainConfig as BaseTrainConfig
 from dfx.recipe import load_recipe
-from dfx.tasks.classification import data_root
+from dfx.tasks.classification import agreed_classes, data_root
 from dfx.tasks.segmentation import EvalConfig, Evaluator
 
 Fusion = Literal["none", "concat", "exchange", "cross-attn", "gemini"]
@@ -167,11 +167,7 @@ class Task:
         dataset = MultiModalFolder(data_root(data.root), split, data.modalities, labels=data.labels,
                                    split_file=data.train_split if split == "train" else data.val_split,
                                    classes=data.classes, transform=transform)
-        if self.classes is None:
-            self.classes = dataset.classes
-        elif len(dataset.classes) != len(self.classes):
-            raise UsageError(f"data.root: {data.root} has {len(dataset.classes)} classes but the model was trained on "
-                             f"{len(self.classes)} ({', '.join(self.classes)})")
+        self.classes = agreed_classes(self.classes, dataset.classes, data.root)
         return dataset
 
     def build_model(self) -> FusionSegmenter:

@@ -19,7 +19,7 @@ from dfx.data.segmentation import IGNORE_INDEX, SegmentationFolder, Segmentation
 from dfx.errors import UsageError
 from dfx.recipe import EvalConfig as BaseEvalConfig
 from dfx.recipe import TrainConfig
-from dfx.tasks.classification import ModelConfig, data_root
+from dfx.tasks.classification import ModelConfig, agreed_classes, data_root
 
 
 @dataclass
@@ -112,11 +112,7 @@ class Task:
         transform = SegmentationTransform(data.image_size, split == "train", scale=data.scale, ratio=data.ratio,
                                           hflip=data.hflip, mean=data.mean, std=data.std)
         dataset = SegmentationFolder(data_root(data.root), split, transform)
-        if self.classes is None:
-            self.classes = dataset.classes
-        elif len(dataset.classes) != len(self.classes):
-            raise UsageError(f"data.root: {data.root} has {len(dataset.classes)} classes but the model was trained on "
-                             f"{len(self.classes)} ({', '.join(self.classes)})")
+        self.classes = agreed_classes(self.classes, dataset.classes, data.root)
         return dataset
 
     def build_model(self) -> Segmenter:
