@@ -111,6 +111,7 @@ def write_results(path: str | Path, results: list[dict]) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(results, f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
