@@ -26,13 +26,13 @@ def build_bench_model(spec: str, device: torch.device, image_size: int | None = 
         from dfx.engine.evaluation import load_model
 
         recipe, _, model, _ = load_model(path, device=device)
-        return model, f"{recipe.model.name} ({path})", getattr(recipe.data, "image_size", None)
+        return model, f"{_model_name(recipe)} ({path})", _native_size(recipe)
     if path.suffix in {".yaml", ".yml"}:
         from dfx.recipe import load_recipe, task_module
 
         recipe = load_recipe(path)
         model = task_module(recipe.task).Task(recipe).build_model()
-        return model.to(device).eval(), f"{recipe.model.name} ({path})", getattr(recipe.data, "image_size", None)
+        return model.to(device).eval(), f"{_model_name(recipe)} ({path})", _native_size(recipe)
     import timm
 
     from dfx.hub import ALIASES
@@ -47,6 +47,24 @@ def build_bench_model(spec: str, device: torch.device, image_size: int | None = 
         raise UsageError(f"--model {spec!r}: not a run directory, checkpoint, recipe or timm model ({e})") from None
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     return model.to(device).eval(), name, size
+
+
+def _model_name(recipe) -> str:
+    """What a recipe's model is called: a timm name, a detector's backbone, or the task."""
+    model = recipe.model
+    if hasattr(model, "name"):
+        return model.name
+    if hasattr(model, "backbone"):
+        return f"{recipe.task} ({model.backbone})"
+    return recipe.task
+
+
+def _native_size(recipe) -> int | None:
+    """The square input size a recipe's model is evaluated at (detection: its largest scale)."""
+    data = recipe.data
+    if hasattr(data, "image_size"):
+        return data.image_size
+    return max(data.scales) if getattr(data, "scales", None) else None
 
 
 def count_flops(model: torch.nn.Module, example: torch.Tensor) -> float:

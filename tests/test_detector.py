@@ -213,3 +213,12 @@ def test_any_input_size_and_a_swin_backbone():
         outputs = model(images)
     assert outputs["pred_boxes"].shape == (1, 5, 4) and torch.isfinite(outputs["pred_boxes"]).all()
     assert model.backbone.channels == [192, 384, 768] and model.backbone.strides == [8, 16, 32]
+
+
+def test_flops_are_countable_in_eval_mode():
+    """`dfx bench` counts FLOPs with module hooks, which reject parameter views made under no_grad."""
+    from dfx.bench import count_flops
+
+    for switches in ({}, PAPER_SWITCHES):
+        model = build(**switches, one2many_queries=12).eval()
+        assert count_flops(model, torch.randn(1, 3, 96, 96)) > 1e6

@@ -199,7 +199,9 @@ class DeformableDETR(nn.Module):
         """(content queries [B, Q, C], positional queries [B, Q, C], reference [B, Q, 2|4])."""
         c, batch = self.config.dim, memory.shape[0]
         if not self.config.two_stage:
-            query_pos, content = self.query_embed.weight[:num_queries].split(c, -1)
+            # an embedding lookup, not a slice of the weight: views of parameters made under no_grad
+            # confuse module hooks (FLOP counting, memory tracking)
+            query_pos, content = self.query_embed(torch.arange(num_queries, device=memory.device)).split(c, -1)
             query_pos = query_pos[None].expand(batch, -1, -1)
             content = content[None].expand(batch, -1, -1)
             return content, query_pos, self.reference_points(query_pos).sigmoid()
@@ -216,7 +218,7 @@ class DeformableDETR(nn.Module):
         reference = torch.gather(enc_boxes, 1, top[..., None].expand(-1, -1, 4)).detach().sigmoid()
         pos = self.pos_trans_norm(self.pos_trans(box_position_encoding(reference, c // 2)))
         if self.config.mixed_query_selection:
-            content = self.content_queries.weight[:num_queries][None].expand(batch, -1, -1)
+            content = self.content_queries(torch.arange(num_queries, device=memory.device))[None].expand(batch, -1, -1)
             return content, pos, reference
         query_pos, content = pos.split(c, -1)
         return content, query_pos, reference
