@@ -109,3 +109,24 @@ def test_backbone_and_offsets_get_their_learning_rates(det_root):
 def test_bad_model_switches_are_usage_errors(det_root):
     with pytest.raises(UsageError, match="model: .*two_stage"):
         load_recipe(RECIPES / "hdetr-shapes.yaml", ["model.two_stage=false"])
+
+
+def test_invalid_boxes_fail_early_or_are_skipped_and_counted(det_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(det_root, root)
+    ann_file = root / "annotations" / "train.json"
+    coco = json.loads(ann_file.read_text())
+    coco["annotations"][0]["bbox"][2] = 0.0  # a box of zero width
+    ann_file.write_text(json.dumps(coco))
+    args = ["train", str(RECIPES / "hdetr-shapes.yaml"), f"data.root={root}", *TINY, "--device", "cpu", "--json",
+            "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)["error"]
+    assert "train.json" in error and "data.skip_invalid" in error
+    result = CliRunner().invoke(app, [*args, "data.skip_invalid=true"])
+    assert result.exit_code == 0, result.output
+    assert "run_dir" in json.loads(result.stdout)  # stdout holds exactly the JSON summary
+    assert "invalid box" in result.stderr

@@ -12,6 +12,7 @@ annotation file; the predictions are written in COCO results format beside the r
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Union
@@ -154,7 +155,7 @@ class Task:
         dataset = CocoDetection(image_dir, ann_file, transform, category_ids=data.category_ids,
                                 skip_invalid=data.skip_invalid)
         if any(dataset.skipped.values()):
-            print(f"dfx: {ann_file}: {dataset.skip_summary()}", flush=True)
+            print(f"dfx: {ann_file}: {dataset.skip_summary()}", file=sys.stderr, flush=True)
         self.classes = agreed_classes(self.classes, dataset.classes, data.root, "; set data.category_ids")
         self._datasets[split] = dataset
         return dataset
