@@ -60,6 +60,7 @@ def plot(curves: dict, path: Path) -> None:
         for index, values in enumerate(curves[name]):
             ax.plot(range(1, len(values) + 1), [100 * v for v in values], color=colour, alpha=0.8,
                     label=name if index == 0 else None, marker="o", markersize=3)
+    ax.set_xticks(range(1, max(len(v) for runs in curves.values() for v in runs) + 1))
     ax.set_xlabel("epoch")
     ax.set_ylabel("val AP (COCO, %)")
     ax.set_title("shapes-det: hybrid branch vs one-to-one only (one line per seed)")
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
 
     lines = [SECTION, "",
              f"`python benchmarks/hybrid_vs_baseline.py --epochs {args.epochs} --seeds "
-             f"{' '.join(map(str, args.seeds))} --jobs {args.jobs}"
+             f"{' '.join(map(str, args.seeds))} --jobs {args.jobs}{f' --threads {args.threads}' if args.threads else ''}"
              f"{' ' + ' '.join(args.overrides) if args.overrides else ''}`: recipes/hdetr-shapes.yaml and "
              "recipes/deformable-detr-shapes.yaml (identical but for the one-to-many queries), "
              f"{args.epochs} epochs each, CPU, {threads} thread(s) per run, {args.jobs} run(s) at a time. "
