@@ -61,8 +61,10 @@ def test_val_has_every_area_bucket_few_empty_images_and_noncontiguous_ids(full_v
 
 
 def test_boxes_enclose_their_shapes_pixels():
-    """A box is the shape's full extent: for a lone shape, the painted pixels fill it to within a pixel."""
-    for seed in range(20):
+    """A box is the shape's full extent: for a lone shape, the painted pixels fill it to within the
+    1.5 px by which polygon rasterisation may paint beyond (or short of) the exact outline."""
+    checked = 0
+    for seed in range(40):
         pixels, objects = scene(np.random.default_rng([99, seed]))
         if len(objects) != 1:
             continue
@@ -71,11 +73,11 @@ def test_boxes_enclose_their_shapes_pixels():
         # the shape is the region differing strongly from the background's median colour
         differs = np.abs(background - np.median(background.reshape(-1, 3), 0)).sum(-1) > 100
         ys, xs = np.nonzero(differs)
-        assert abs(xs.min() - x) <= 1.0 and abs(xs.max() + 1 - (x + w)) <= 1.0
-        assert abs(ys.min() - y) <= 1.0 and abs(ys.max() + 1 - (y + h)) <= 1.0
-        assert area == pytest.approx(differs.sum(), rel=0.1)
-        return
-    pytest.fail("no single-shape scene among 20 seeds")
+        assert abs(xs.min() - x) <= 1.5 and abs(xs.max() + 1 - (x + w)) <= 1.5, seed
+        assert abs(ys.min() - y) <= 1.5 and abs(ys.max() + 1 - (y + h)) <= 1.5, seed
+        assert area == pytest.approx(differs.sum(), rel=0.02), seed
+        checked += 1
+    assert checked >= 5, "too few single-shape scenes among 40 seeds"
 
 
 def test_no_shape_is_more_than_half_hidden(monkeypatch):

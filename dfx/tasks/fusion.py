@@ -37,7 +37,7 @@ from dfx.fusion.strategies import FUSIONS, TWO_STREAM
 from dfx.recipe import TrainConfig as BaseTrainConfig
 from dfx.recipe import load_recipe
 from dfx.tasks.classification import agreed_classes, data_root
-from dfx.tasks.segmentation import EvalConfig, Evaluator
+from dfx.tasks.segmentation import EvalConfig, Evaluator, check_crop_augmentation
 
 Fusion = Literal["none", "concat", "exchange", "cross-attn", "gemini"]
 Variant = Literal["b0", "b1", "b2", "b3", "b4", "b5"]
@@ -116,12 +116,7 @@ class DataConfig:
         size = [self.image_size] if isinstance(self.image_size, int) else self.image_size
         if len(size) not in (1, 2) or min(size) < 1:
             raise UsageError(f"{prefix}.image_size: expected a size or [height, width] in pixels, got {self.image_size}")
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise UsageError(f"{prefix}.scale: expected [min, max] with 0 < min <= max <= 1, got {self.scale}")
-        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
-            raise UsageError(f"{prefix}.ratio: expected [min, max] with 0 < min <= max, got {self.ratio}")
-        if not 0 <= self.hflip <= 1:
-            raise UsageError(f"{prefix}.hflip: expected a probability in [0, 1], got {self.hflip}")
+        check_crop_augmentation(prefix, self.scale, self.ratio, self.hflip)
         if len(self.mean) != 3 or len(self.std) != 3:
             raise UsageError(f"{prefix}.mean/std: expected three values (every modality is read as 3 channels)")
 

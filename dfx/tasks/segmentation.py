@@ -22,6 +22,16 @@ from dfx.recipe import TrainConfig
 from dfx.tasks.classification import ModelConfig, agreed_classes, data_root
 
 
+def check_crop_augmentation(prefix: str, scale: list[float], ratio: list[float], hflip: float) -> None:
+    """Validate the random-resized-crop and flip settings shared by the segmentation data sections."""
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise UsageError(f"{prefix}.scale: expected [min, max] with 0 < min <= max <= 1, got {scale}")
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        raise UsageError(f"{prefix}.ratio: expected [min, max] with 0 < min <= max, got {ratio}")
+    if not 0 <= hflip <= 1:
+        raise UsageError(f"{prefix}.hflip: expected a probability in [0, 1], got {hflip}")
+
+
 @dataclass
 class DataConfig:
     """A segmentation root (or ``shapes-seg``) and the aligned augmentation of image and label."""
@@ -35,12 +45,7 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
     def validate(self, prefix: str) -> None:
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise UsageError(f"{prefix}.scale: expected [min, max] with 0 < min <= max <= 1, got {self.scale}")
-        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
-            raise UsageError(f"{prefix}.ratio: expected [min, max] with 0 < min <= max, got {self.ratio}")
-        if not 0 <= self.hflip <= 1:
-            raise UsageError(f"{prefix}.hflip: expected a probability in [0, 1], got {self.hflip}")
+        check_crop_augmentation(prefix, self.scale, self.ratio, self.hflip)
         if self.image_size < 1:
             raise UsageError(f"{prefix}.image_size: expected a positive size in pixels, got {self.image_size}")
         if len(self.mean) != 3 or len(self.std) != 3:
