@@ -144,6 +144,7 @@ class Task:
         self.output_dir: Path | None = None  # where evaluation writes predictions and plots
         self.outputs: dict = {}  # files the last evaluation wrote
         self._datasets: dict = {}
+        self._criterion: SetCriterion | None = None  # built on first use, when the classes are known
 
     def dataset(self, split: str) -> CocoDetection:
         if split in self._datasets:
@@ -194,7 +195,7 @@ class Task:
         return {"classes": self.classes}
 
     def loss(self, model, batch) -> tuple[Tensor, dict]:
-        if not hasattr(self, "_criterion"):
+        if self._criterion is None:
             self._criterion = self.criterion()
         images, masks, targets = batch
         return self._criterion(model(images, masks), targets)
