@@ -52,13 +52,13 @@ def test_grouped_self_attention_equals_the_masked_one():
     torch.manual_seed(0)
     layer = DecoderLayer(dim=16, heads=2, levels=1, points=1, ffn_dim=32, dropout=0.0)
     tgt, pos = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
-    grouped = layer._self_attention(tgt, pos, [3, 4], masked=False)
-    masked = layer._self_attention(tgt, pos, [3, 4], masked=True)
+    grouped = layer._self_attention(tgt, pos, [3, 4], mask=None)
+    masked = layer._self_attention(tgt, pos, [3, 4], mask=group_attention_mask([3, 4]))
     assert torch.allclose(grouped, masked, atol=1e-6)
     # and the groups really are independent: changing group 2 leaves group 1's output alone
     changed = tgt.clone()
     changed[:, 3:] += 1.0
-    again = layer._self_attention(changed, pos, [3, 4], masked=True)
+    again = layer._self_attention(changed, pos, [3, 4], mask=group_attention_mask([3, 4]))
     assert torch.allclose(again[:, :3], masked[:, :3], atol=1e-6) and not torch.allclose(again[:, 3:], masked[:, 3:])
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dfx.data.cache import ensure_dataset
-from dfx.data.shapes import CLS_SHAPES, contrasting_colour, draw_shape, shape_polygon, textured_background
+from dfx.data.shapes import CLS_SHAPES, contrasting_colour, draw_shape, place_apart, shape_polygon, textured_background
 from dfx.data.shapes_det import SHAPES_DET_VERSION, generate_shapes_det
 from dfx.data.shapes_rgbd import SHAPES_RGBD_VERSION, generate_shapes_rgbd
 
@@ -78,12 +78,10 @@ def generate_shapes_seg(folder: Path, seed: int = 0, train_images: int = 2000, v
             for _ in range(int(rng.integers(1, max_shapes + 1))):
                 kind = int(rng.integers(len(CLS_SHAPES)))
                 shape_radius = rng.uniform(*radius) * big
-                for _ in range(30):  # rejection sampling: shapes never overlap, so labels are whole shapes
-                    cx, cy = rng.uniform(shape_radius, big - shape_radius, size=2)
-                    if all(np.hypot(cx - x, cy - y) > shape_radius + r for x, y, r in placed):
-                        break
-                else:
+                centre = place_apart(rng, shape_radius, big, placed)  # shapes never overlap: labels are whole shapes
+                if centre is None:
                     continue
+                cx, cy = centre
                 placed.append((cx, cy, shape_radius))
                 angle = rng.uniform(0, 2 * np.pi)
                 draw_shape(image, CLS_SHAPES[kind], cx, cy, shape_radius, angle, class_colour(rng, kind))

@@ -94,5 +94,16 @@ def contrasting_colour(rng: np.random.Generator, background: np.ndarray, min_dis
     return tuple(int(c) for c in colour)
 
 
+def place_apart(rng: np.random.Generator, radius: float, size: float, placed: list[tuple[float, float, float]],
+                tries: int = 30) -> tuple[float, float] | None:
+    """A centre for a disc of ``radius`` inside a ``size`` square that overlaps none of the ``placed``
+    discs ``(x, y, r)``, by rejection sampling; None after ``tries`` draws."""
+    for _ in range(tries):
+        cx, cy = rng.uniform(radius, size - radius, size=2)
+        if all(np.hypot(cx - x, cy - y) > radius + r for x, y, r in placed):
+            return cx, cy
+    return None
+
+
 def draw_shape(image: Image.Image, kind: str, cx: float, cy: float, radius: float, angle: float, colour) -> None:
     ImageDraw.Draw(image).polygon(shape_polygon(kind, cx, cy, radius, angle), fill=colour)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dfx.data.shapes import SHAPES, shape_polygon, textured_background
+from dfx.data.shapes import SHAPES, place_apart, shape_polygon, textured_background
 
 SHAPES_RGBD_VERSION = 1
 RGBD_CLASSES = ("background", "red", "lime", "cyan", "violet")
@@ -62,12 +62,10 @@ def _scene(rng: np.random.Generator, big: int, radius: tuple[float, float], max_
         roles.append("decoy")
     for role in roles:
         r = rng.uniform(*radius) * big
-        for _ in range(30):  # rejection sampling: objects never overlap
-            cx, cy = rng.uniform(r, big - r, size=2)
-            if all(np.hypot(cx - x, cy - y) > r + pr for x, y, pr in placed):
-                break
-        else:
+        centre = place_apart(rng, r, big, placed)  # objects never overlap
+        if centre is None:
             continue
+        cx, cy = centre
         placed.append((cx, cy, r))
         kind, shape, angle = int(rng.integers(4)), SHAPES[int(rng.integers(len(SHAPES)))], rng.uniform(0, 2 * np.pi)
         inside = _mask(shape_polygon(shape, cx, cy, r, angle), big)

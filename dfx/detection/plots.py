@@ -7,22 +7,14 @@ and written atomically (temporary file, then rename), like results.png.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from dfx.detection.coco_eval import to_numpy
+from dfx.files import save_figure
 
 MAX_LEGEND_CLASSES = 10  # past this many classes the per-class curves are thin grey lines without a legend
-
-
-def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
 
 
 def class_colours(count: int) -> list:

@@ -90,18 +90,18 @@ class DecoderLayer(nn.Module):
         self.ffn = _ffn(dim, ffn_dim, dropout)
         self.norm3 = nn.LayerNorm(dim)
 
-    def _self_attention(self, tgt: Tensor, query_pos: Tensor, groups: list[int], masked: bool) -> Tensor:
+    def _self_attention(self, tgt: Tensor, query_pos: Tensor, groups: list[int], mask: Tensor | None) -> Tensor:
+        """Per group (``mask`` None), or all queries at once with ``mask`` (group_attention_mask)."""
         q = tgt + query_pos
-        if len(groups) == 1 or not masked:
-            outs = [self.self_attn(qg, qg, vg, need_weights=False)[0]
-                    for qg, vg in zip(q.split(groups, 1), tgt.split(groups, 1))]
-            return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-        mask = group_attention_mask(groups, tgt.device)
-        return self.self_attn(q, q, tgt, attn_mask=mask, need_weights=False)[0]
+        if mask is not None:
+            return self.self_attn(q, q, tgt, attn_mask=mask, need_weights=False)[0]
+        outs = [self.self_attn(qg, qg, vg, need_weights=False)[0]
+                for qg, vg in zip(q.split(groups, 1), tgt.split(groups, 1))]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     def forward(self, tgt, query_pos, reference, memory, spatial_shapes, memory_mask, groups: list[int],
-                masked: bool = False):
-        tgt = self.norm1(tgt + self.dropout1(self._self_attention(tgt, query_pos, groups, masked)))
+                mask: Tensor | None = None):
+        tgt = self.norm1(tgt + self.dropout1(self._self_attention(tgt, query_pos, groups, mask)))
         attended = self.cross_attn(tgt + query_pos, reference, memory, spatial_shapes, memory_mask)
         tgt = self.norm2(tgt + self.dropout2(attended))
         return self.norm3(tgt + self.ffn(tgt))
@@ -129,11 +129,12 @@ class Decoder(nn.Module):
         Returns per layer: states [B, Q, C] and boxes [B, Q, 4] (cxcywh in [0, 1]).
         """
         states, boxes = [], []
+        mask = group_attention_mask(groups, tgt.device) if masked and len(groups) > 1 else None  # once, all layers
         sampling_ref, prediction_ref = reference, reference
         scale = valid_ratios if reference.shape[-1] == 2 else torch.cat((valid_ratios, valid_ratios), -1)
         for index, layer in enumerate(self.layers):
             tgt = layer(tgt, query_pos, sampling_ref[:, :, None] * scale[:, None], memory, spatial_shapes,
-                        memory_mask, groups, masked)
+                        memory_mask, groups, mask)
             delta = box_head(index, tgt)
             base = inverse_sigmoid(prediction_ref)
             if base.shape[-1] == 2:

@@ -10,7 +10,6 @@ interrupted write never leaves a truncated checkpoint behind.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -20,24 +19,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from dfx.errors import RunError
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+from dfx.files import atomic_write
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
     """Write weights (tensors made contiguous and unshared) with JSON-encoded metadata."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_metadata(path: Path) -> dict:
@@ -88,7 +77,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_state(path: Path, state: dict) -> None:
-    _atomic(Path(path), lambda tmp: torch.save(state, str(tmp)))
+    atomic_write(path, lambda tmp: torch.save(state, str(tmp)))
 
 
 def load_state(path: Path) -> dict:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
+
+from dfx.files import save_figure, write_text_atomic
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -16,16 +17,10 @@ def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_rows(run_dir: Path, rows: list[dict]) -> None:
     """Rewrite metrics.jsonl and results.csv from ``rows`` (one dict per epoch)."""
     run_dir = Path(run_dir)
-    _replace_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
@@ -34,7 +29,7 @@ def write_rows(run_dir: Path, rows: list[dict]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    _replace_text(run_dir / "results.csv", buf.getvalue())
+    write_text_atomic(run_dir / "results.csv", buf.getvalue())
 
 
 def plot(run_dir: Path, rows: list[dict]) -> None:
@@ -63,7 +58,5 @@ def plot(run_dir: Path, rows: list[dict]) -> None:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = Path(run_dir) / f".results.png.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, Path(run_dir) / "results.png")
     plt.close(fig)
-    os.replace(tmp, Path(run_dir) / "results.png")
