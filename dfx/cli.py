@@ -170,14 +170,16 @@ def train(
 
 @app.command("eval")
 def eval_(
-    run_or_checkpoint: Path = typer.Argument(..., metavar="RUN_DIR|CHECKPOINT", help="A run directory or a .safetensors checkpoint."),
+    run_or_checkpoint: Path = typer.Argument(..., metavar="RUN_DIR|CHECKPOINT|RECIPE",
+                                             help="A run directory, a .safetensors checkpoint, or a recipe with "
+                                                  "model.weights=FILE among the overrides."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, e.g. data.root=path/to/data."),
     data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this data (sets data.root)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
-    """Evaluate a trained run (best checkpoint) or a checkpoint file on validation data."""
+    """Evaluate a trained run (best checkpoint), a checkpoint file, or a recipe's model.weights on validation data."""
     extra = list(overrides or []) + ([f"data.root={data}"] if data else [])
 
     def work() -> dict:
@@ -186,7 +188,8 @@ def eval_(
         return evaluate_checkpoint(run_or_checkpoint, extra, device=device)
 
     def show(result: dict) -> None:
-        out.print(_metrics_table(f"{result['checkpoint']} (epoch {result['epoch']})", result["metrics"]))
+        epoch = f" (epoch {result['epoch']})" if result.get("epoch") is not None else ""
+        out.print(_metrics_table(f"{result['checkpoint']}{epoch}", result["metrics"]))
         for key in ("predictions", "annotations", "pr_curve", "picture"):
             if key in result:
                 out.print(f"{key}: {result[key]}", highlight=False)

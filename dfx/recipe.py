@@ -71,6 +71,20 @@ class TrainConfig:
 
 
 @dataclass
+class WeightsConfig:
+    """Whole-model weights, shared by every task's ``model`` section (see dfx.weights).
+
+    ``weights``: a dfx checkpoint or run directory, ``hf://org/repo/file``, or a released
+    checkpoint of the method's reference code; loaded after the model is built, in place of
+    ``pretrained`` (the backbone's starting weights). ``weights_strict: false`` loads what fits
+    and warns about the rest instead of failing.
+    """
+
+    weights: Union[str, None] = None
+    weights_strict: bool = True
+
+
+@dataclass
 class EvalConfig:
     """The ``eval`` section: when to evaluate and which metric picks the ``best`` checkpoint."""
 

@@ -1,4 +1,4 @@
-"""Evaluate a trained model from a run directory or a dfx checkpoint file."""
+"""Evaluate a trained model: a run directory, a dfx checkpoint, or a recipe with ``model.weights``."""
 
 from __future__ import annotations
 
@@ -7,65 +7,48 @@ from typing import Iterable
 
 import torch
 
-from dfx.engine import checkpoint as ckpt
 from dfx.engine import distributed as D
-from dfx.errors import RunError, UsageError
-from dfx.recipe import Recipe, build_recipe, apply_overrides, task_module
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A run directory's best checkpoint (else last), or the checkpoint file itself."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (path / "checkpoints" / name).is_file():
-                return path / "checkpoints" / name
-        raise UsageError(f"{path}: no checkpoints/best.safetensors or last.safetensors; is this a dfx run directory?")
-    if path.is_file():
-        return path
-    raise UsageError(f"{path}: no such run directory or checkpoint file")
+from dfx.engine.rundir import new_run_dir
+from dfx.errors import UsageError
 
 
 def load_model(path: str | Path, overrides: Iterable[str] = (), device: str | torch.device = "cpu"):
-    """(recipe, task, model in eval mode, checkpoint metadata) from a run directory or checkpoint.
+    """(recipe, task, model in eval mode, checkpoint metadata) from a run directory, a checkpoint, or a
+    recipe file with ``model.weights=...`` among the overrides.
 
-    The recipe comes from the checkpoint's metadata (the run's fully resolved recipe), with
-    ``overrides`` on top (e.g. ``data.root=...`` to evaluate on other data).
+    From a run or checkpoint the recipe comes from its metadata (the run's fully resolved recipe),
+    with ``overrides`` on top (e.g. ``data.root=...`` to evaluate on other data). The classes come
+    from the checkpoint or the recipe, else from the validation data.
     """
-    file = find_checkpoint(path)
-    meta = ckpt.read_metadata(file)
-    if meta.get("format") != "dfx" or not isinstance(meta.get("recipe"), dict):
-        raise RunError(f"{file}: not a dfx checkpoint (no recipe in its metadata); "
-                       "use the run directory it came from or a file written by `dfx train`")
-    tree = meta["recipe"]
-    if tree.get("model", {}).get("pretrained"):
-        # every weight is in the checkpoint: do not fetch the starting weights again (offline-safe)
-        tree = apply_overrides(tree, ["model.pretrained=null"])
-    recipe: Recipe = build_recipe(apply_overrides(tree, list(overrides)), name=str(meta.get("name", "run")))
-    task = task_module(recipe.task).Task(recipe)
-    info = meta.get("info") or {}
-    if "classes" in info:
-        task.classes = info["classes"]
-    model = task.build_model()
-    try:
-        model.load_state_dict(ckpt.load_weights(file))
-    except RuntimeError as e:
-        raise RunError(f"{file} does not fit the recipe's model: {str(e).splitlines()[0]}") from None
+    from dfx.models import build
+
+    recipe, task, model, meta = build(path, overrides, read_data=True)
     device = device if isinstance(device, torch.device) else D.resolve_device(device)
     return recipe, task, model.to(device).eval(), meta
 
 
 def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), device: str = "auto") -> dict:
-    """``{"metrics": {...}, "checkpoint": PATH, "epoch": N}`` on the recipe's validation data."""
+    """``{"metrics": {...}, "checkpoint": PATH, "epoch": N}`` on the recipe's validation data.
+
+    ``path``: a run directory, a dfx checkpoint, or a recipe file whose ``model.weights`` (set in it
+    or in ``overrides``) names the weights — e.g. a released checkpoint of the reference code.
+    """
     from dfx.engine.trainer import evaluate, make_loader
 
     ctx = D.Context(device=D.resolve_device(device))
     recipe, task, model, meta = load_model(path, overrides, ctx.device)
+    if not meta and not recipe.model.weights:
+        raise UsageError(f"{path}: a recipe evaluates the weights named by model.weights; pass model.weights=FILE "
+                         "(a dfx checkpoint, run directory, hf://… or released checkpoint), or evaluate a run directory")
     val_set = task.dataset("val")
     loader = make_loader(val_set, recipe.eval.batch_size, ctx, shuffle=False, seed=0,
                          num_workers=recipe.train.num_workers, collate_fn=task.collate_fn)
-    file = find_checkpoint(path)
-    if hasattr(task, "output_dir"):  # predictions and plots go beside the run: RUN/eval/
-        task.output_dir = (Path(path) if Path(path).is_dir() else file.parent) / "eval"
+    weights = Path(recipe.model.weights) if recipe.model.weights else None
+    if hasattr(task, "output_dir"):  # predictions and plots go beside the run (RUN/eval/) or the recipe's runs
+        if meta:
+            task.output_dir = (Path(path) if Path(path).is_dir() else Path(path).parent) / "eval"
+        else:
+            task.output_dir = new_run_dir(recipe.task, f"{recipe.name}-eval")
     metrics = evaluate(task, model, loader, ctx)
-    return {"metrics": metrics, "checkpoint": str(file), "epoch": meta.get("epoch"), **getattr(task, "outputs", {})}
+    return {"metrics": metrics, "checkpoint": str(weights) if weights else None, "epoch": meta.get("epoch"),
+            **getattr(task, "outputs", {})}

@@ -17,15 +17,18 @@ from dfx import hub
 from dfx.data.classification import image_folder
 from dfx.data.embedded import embedded_root, is_embedded
 from dfx.errors import UsageError
-from dfx.recipe import EvalConfig
+from dfx.weights import load_recipe_weights
+from dfx.recipe import EvalConfig, WeightsConfig
 from dfx.recipe import TrainConfig as BaseTrainConfig
 
 
 @dataclass
-class ModelConfig:
-    """A timm model. ``kwargs`` go to ``timm.create_model`` (e.g. depth, embed_dim, img_size)."""
+class ModelConfig(WeightsConfig):
+    """A timm model. ``kwargs`` go to ``timm.create_model`` (e.g. depth, embed_dim, img_size);
+    ``num_classes`` 0: from the data."""
 
     name: str = "vit_tiny_patch16_224"
+    num_classes: int = 0
     pretrained: Union[str, None] = None  # weight spec for dfx.hub (file, hf://, timm name, alias)
     drop_path_rate: float = 0.0
     kwargs: dict = field(default_factory=dict)
@@ -116,14 +119,19 @@ class Task:
         if self.classes is None:
             self.dataset("val")
         m = self.recipe.model
+        if m.num_classes not in (0, len(self.classes)):
+            raise UsageError(f"model.num_classes {m.num_classes} differs from the {len(self.classes)} classes of "
+                             "the data; leave it 0 (the data decides)")
         kwargs = dict(m.kwargs)
         kwargs.setdefault("num_classes", len(self.classes))
         if m.drop_path_rate:
             kwargs["drop_path_rate"] = m.drop_path_rate
         try:
-            return hub.create_timm_model(m.name, pretrained=m.pretrained, **kwargs)
+            model = hub.create_timm_model(m.name, pretrained=None if m.weights else m.pretrained, **kwargs)
         except TypeError as e:
             raise UsageError(f"model.kwargs: {e}") from None
+        load_recipe_weights(model, m)
+        return model
 
     def info(self) -> dict:
         """What a checkpoint should remember besides the recipe."""

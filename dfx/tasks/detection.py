@@ -24,13 +24,15 @@ from dfx.data.coco import CocoDetection, coco_split_paths
 from dfx.data.det_transforms import DetectionTransform, collate_detection
 from dfx.detection import DeformableDETR, DetectorConfig, HungarianMatcher, SetCriterion, postprocess
 from dfx.errors import UsageError
+from dfx.weights import load_recipe_weights
 from dfx.recipe import EvalConfig as BaseEvalConfig
 from dfx.recipe import TrainConfig as BaseTrainConfig
+from dfx.recipe import WeightsConfig
 from dfx.tasks.classification import agreed_classes, data_root
 
 
 @dataclass
-class ModelConfig(DetectorConfig):
+class ModelConfig(DetectorConfig, WeightsConfig):
     """The detector (every :class:`DetectorConfig` field; ``one2many_queries: 0`` is Deformable-DETR),
     the hybrid branch's loss settings and post-processing. ``num_classes`` 0: from the data."""
 
@@ -165,9 +167,11 @@ class Task:
         if self.classes is None:
             self.dataset("val")
         try:
-            return DeformableDETR(self.recipe.model.detector_config(len(self.classes)))
+            model = DeformableDETR(self.recipe.model.detector_config(len(self.classes)))
         except ValueError as e:
             raise UsageError(f"model: {e}") from None
+        load_recipe_weights(model, self.recipe.model)
+        return model
 
     def criterion(self) -> SetCriterion:
         loss, model = self.recipe.loss, self.recipe.model

@@ -166,7 +166,8 @@ def build_teacher(source: TeacherSource, *, meta: bool = False) -> tuple[nn.Modu
     classes = None
     if source.run is not None:
         from dfx.engine import checkpoint as ckpt
-        from dfx.engine.evaluation import find_checkpoint, load_model
+        from dfx.engine.evaluation import load_model
+        from dfx.weights import find_checkpoint
 
         file = find_checkpoint(source.run)
         recipe_model = (ckpt.read_metadata(file).get("recipe") or {}).get("model") or {}
@@ -217,7 +218,8 @@ def _architecture_only(file: Path, overrides: list[str]):
     from dfx.recipe import apply_overrides, build_recipe, task_module
 
     meta_data = ckpt.read_metadata(file)
-    recipe = build_recipe(apply_overrides(meta_data["recipe"], overrides), name=str(meta_data.get("name", "run")))
+    recipe = build_recipe(apply_overrides(meta_data["recipe"], [*overrides, "model.weights=null"]),
+                          name=str(meta_data.get("name", "run")))
     task = task_module(recipe.task).Task(recipe)
     task.classes = (meta_data.get("info") or {}).get("classes")
     return recipe, task, task.build_model(), meta_data

@@ -31,10 +31,12 @@ from dfx import hub
 from dfx.data.multimodal import MultiModalFolder, MultiModalTransform
 from dfx.data.segmentation import IGNORE_INDEX
 from dfx.errors import UsageError
+from dfx.weights import load_recipe_weights
 from dfx.fusion.mit import MIT_VARIANTS, MultiModalMiT, load_mit_weights
 from dfx.fusion.segformer import FusionSegmenter
 from dfx.fusion.strategies import FUSIONS, TWO_STREAM
 from dfx.recipe import TrainConfig as BaseTrainConfig
+from dfx.recipe import WeightsConfig
 from dfx.recipe import load_recipe
 from dfx.tasks.classification import agreed_classes, data_root
 from dfx.tasks.segmentation import EvalConfig, Evaluator, check_crop_augmentation
@@ -44,7 +46,7 @@ Variant = Literal["b0", "b1", "b2", "b3", "b4", "b5"]
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(WeightsConfig):
     """The MiT backbone, the fusion strategy and the decoder.
 
     ``embed_dims`` / ``depths`` / ``num_heads`` / ``mlp_ratios`` / ``sr_ratios`` (four values,
@@ -175,10 +177,12 @@ class Task:
                                      **m.sizes())
         except ValueError as e:
             raise UsageError(f"model: {e}") from None
-        if m.pretrained:
+        if m.pretrained and not m.weights:
             state = hub.load_state_dict(hub.resolve(m.pretrained))
             self.weights_report = load_mit_weights(backbone, state, source=m.pretrained)
-        return FusionSegmenter(backbone, len(self.classes), m.decoder_dim, m.dropout)
+        model = FusionSegmenter(backbone, len(self.classes), m.decoder_dim, m.dropout)
+        load_recipe_weights(model, m)
+        return model
 
     def info(self) -> dict:
         return {"classes": self.classes, "modalities": list(self.recipe.data.modalities)}

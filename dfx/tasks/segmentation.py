@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from dfx import hub
 from dfx.data.segmentation import IGNORE_INDEX, SegmentationFolder, SegmentationTransform
 from dfx.errors import UsageError
+from dfx.weights import load_recipe_weights
 from dfx.recipe import EvalConfig as BaseEvalConfig
 from dfx.recipe import TrainConfig
 from dfx.tasks.classification import ModelConfig, agreed_classes, data_root
@@ -93,7 +94,8 @@ def build_segmenter(model: ModelConfig, num_classes: int) -> Segmenter:
     if model.drop_path_rate:
         kwargs["drop_path_rate"] = model.drop_path_rate
     try:
-        backbone = hub.create_timm_model(model.name, pretrained=model.pretrained, **{**kwargs, "num_classes": 0})
+        backbone = hub.create_timm_model(model.name, pretrained=None if model.weights else model.pretrained,
+                                         **{**kwargs, "num_classes": 0})
     except TypeError as e:
         raise UsageError(f"model.kwargs: {e}") from None
     if not (hasattr(backbone, "patch_embed") and hasattr(backbone, "num_prefix_tokens")):
@@ -123,7 +125,9 @@ class Task:
     def build_model(self) -> Segmenter:
         if self.classes is None:
             self.dataset("val")
-        return build_segmenter(self.recipe.model, len(self.classes))
+        model = build_segmenter(self.recipe.model, len(self.classes))
+        load_recipe_weights(model, self.recipe.model)
+        return model
 
     def info(self) -> dict:
         """What a checkpoint should remember besides the recipe."""
