@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from dfx import hub
 from dfx.errors import RunError, UsageError
 
-DFX_FORMAT = "a dfx checkpoint (.safetensors written by dfx train) or run directory"
+DFX_FORMAT = ("a dfx checkpoint (.safetensors written by dfx train) or run directory; a torch file of this "
+              "model's own state dict")
 
 
 @dataclass
@@ -152,7 +153,7 @@ def load_model_weights(model: nn.Module, spec: str | os.PathLike, *,
     if checkpoint.is_dfx:
         state = checkpoint.tensors
     else:
-        for convert in converters:
+        for convert in (*converters, _plain_state_dict(model)):
             state = convert(checkpoint)
             if state is not None:
                 kind = getattr(convert, "format_name", convert.__name__)
@@ -166,6 +167,24 @@ def load_model_weights(model: nn.Module, spec: str | os.PathLike, *,
     fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     model.load_state_dict(fitting, strict=False)
     return {"file": str(checkpoint.file), "format": kind, "problems": problems}
+
+
+def _plain_state_dict(model: nn.Module) -> Callable[[Checkpoint], dict | None]:
+    """The last converter: a torch file holding this model's own state dict (bare, or under
+    ``state_dict`` / ``model``), recognised when most of its keys are the model's."""
+    own = set(model.state_dict())
+
+    def plain_state_dict(checkpoint: Checkpoint) -> dict | None:
+        state = checkpoint.raw
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+            return None
+        return dict(state) if len(own.intersection(state)) * 2 >= len(state) else None
+
+    plain_state_dict.format_name = "state dict"
+    return plain_state_dict
 
 
 def load_recipe_weights(model: nn.Module, config, **kwargs) -> dict | None:

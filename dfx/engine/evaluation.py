@@ -10,6 +10,7 @@ import torch
 from dfx.engine import distributed as D
 from dfx.engine.rundir import new_run_dir
 from dfx.errors import UsageError
+from dfx.weights import find_checkpoint
 
 
 def load_model(path: str | Path, overrides: Iterable[str] = (), device: str | torch.device = "cpu"):
@@ -43,12 +44,14 @@ def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), device:
     val_set = task.dataset("val")
     loader = make_loader(val_set, recipe.eval.batch_size, ctx, shuffle=False, seed=0,
                          num_workers=recipe.train.num_workers, collate_fn=task.collate_fn)
-    weights = Path(recipe.model.weights) if recipe.model.weights else None
+    weights = recipe.model.weights
+    if Path(weights).expanduser().exists():  # a run directory: name the file that was loaded
+        weights = str(find_checkpoint(weights))
     if hasattr(task, "output_dir"):  # predictions and plots go beside the run (RUN/eval/) or the recipe's runs
         if meta:
             task.output_dir = (Path(path) if Path(path).is_dir() else Path(path).parent) / "eval"
         else:
             task.output_dir = new_run_dir(recipe.task, f"{recipe.name}-eval")
     metrics = evaluate(task, model, loader, ctx)
-    return {"metrics": metrics, "checkpoint": str(weights) if weights else None, "epoch": meta.get("epoch"),
+    return {"metrics": metrics, "checkpoint": weights, "epoch": meta.get("epoch"),
             **getattr(task, "outputs", {})}
