@@ -130,6 +130,33 @@ def _resume_flag(argv: list[str]) -> list[str]:
     return fixed
 
 
+def _seeds_list(argv: list[str]) -> list[str]:
+    """``--seeds 0 1 2`` (several values after one flag) becomes ``--seeds=0,1,2``."""
+    fixed, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--seeds":
+            values = []
+            while i + 1 < len(argv) and argv[i + 1].replace(",", "").replace("-", "").isdigit():
+                values.append(argv[i + 1])
+                i += 1
+            fixed.append("--seeds=" + ",".join(values) if values else "--seeds")
+        else:
+            fixed.append(argv[i])
+        i += 1
+    return fixed
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-7"`` (inclusive) or a mix, as a list of seeds."""
+    seeds = []
+    for part in filter(None, text.replace(" ", ",").split(",")):
+        low, dash, high = part.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise UsageError(f"--seeds: {part!r} is not a seed or a range like 0-7")
+        seeds += list(range(int(low), int(high) + 1)) if dash else [int(low)]
+    return seeds
+
+
 @app.command()
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML file, e.g. recipes/cls-shapes.yaml."),
@@ -407,11 +434,58 @@ def fuse(
     run(work, json_out=json_out, debug=debug, show=show)
 
 
+@app.command()
+def compare(
+    variants: List[str] = typer.Argument(..., metavar="VARIANT...",
+                                         help="RECIPE.yaml[:key=value…] per variant, or a YAML list of named "
+                                              "variants; bare key=value applies to every variant."),
+    seeds: str = typer.Option("0", "--seeds", metavar="S...", help="Seeds: --seeds 0 1 2, 0,1,2 or 0-7."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs trained at once (the CPU threads are shared out)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Comparison name (default: the recipes' stems)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Comparison folder (default runs/compare/<name>)."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Train recipe variants over several seeds and compare them with paired confidence intervals.
+
+    Examples:
+
+      dfx compare recipes/deformable-detr-shapes.yaml recipes/hdetr-shapes.yaml --seeds 0-7 --jobs 2
+
+      dfx compare recipes/hdetr-shapes.yaml recipes/hdetr-shapes.yaml:model.one2many_k=3 train.epochs=2
+
+    Repeating the same command resumes an interrupted comparison; finished runs are not trained again.
+    """
+    specs = [v for v in variants if not ("=" in v and ".yaml" not in v and ".yml" not in v)]
+    common = [v for v in variants if v not in specs]
+
+    def work() -> dict:
+        from dfx.compare import compare as run_compare
+
+        def log(line: str) -> None:
+            if not quiet:
+                print(line, file=sys.stderr, flush=True)
+
+        return run_compare(specs, common, seeds=parse_seeds(seeds), jobs=jobs, name=name, out=out_dir,
+                           device=device, log=log)
+
+    def show(result: dict) -> None:
+        from dfx.compare import markdown
+
+        print(markdown(result))
+        print("\n".join(result["readings"]))
+        print(f"saved in {result['dir']}/compare.{{json,csv,md,png}}")
+
+    run(work, json_out=json_out, debug=debug, show=show)
+
+
 def main() -> None:
     # Idle OpenMP threads sleep instead of spinning: on small or shared machines (and next to
     # data-loader workers) spinning threads stall every kernel. Must be set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    sys.argv = [sys.argv[0], *_resume_flag(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *_seeds_list(_resume_flag(sys.argv[1:]))]
     app()
 
 
