@@ -9,8 +9,8 @@ and clustered at ratios 0.25, 0.5 and 0.75 with the wrapper's defaults (alpha = 
 224 px (14×14 tokens), fewer passes (under a minute), no plot unless --plot is given.
 
 - latency: median over `repeats` rounds; each round runs one pass of every variant of a model, the
-  order rotated from round to round (dfx.bench.compare_latency), after `warmup` passes of each;
-- FLOPs bound: baseline GFLOPs / clustered GFLOPs (dfx.bench.count_flops): the speed-up if time
+  order rotated from round to round (dfx.measure.compare_latency), after `warmup` passes of each;
+- FLOPs bound: baseline GFLOPs / clustered GFLOPs (dfx.measure.count_flops): the speed-up if time
   followed FLOPs; efficiency = speedup / FLOPs bound;
 - fidelity: cosine similarity of the clustered model's reconstructed final patch tokens to the
   baseline's, mean and minimum over all tokens of `images` shapes-seg validation images resized to
@@ -32,8 +32,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dfx.bench import compare_latency, count_flops
-from dfx.cluster.evaluate import dense_features, wrap_model
+from dfx.measure import compare_latency, count_flops
+from dfx.cluster.analysis import dense_features
+from dfx.cluster_report import wrap_model
 
 RATIOS = (0.25, 0.5, 0.75)
 FULL = {"models": {"ViT-B/16": "vit_base_patch16_384", "ViT-L/16": "vit_large_patch16_384"}, "size": 384,

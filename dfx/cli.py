@@ -299,7 +299,7 @@ def cluster(
     """Accelerate a ViT with Expedit token clustering (no training) and measure what changes."""
 
     def work() -> dict:
-        from dfx.cluster.evaluate import cluster_report
+        from dfx.cluster_report import cluster_report
 
         return cluster_report(model, cluster_ratio=cluster_ratio, alpha=alpha, data=data, images=images, batch=batch,
                               warmup=warmup, repeats=repeats, device=device, iters=iters,

@@ -302,7 +302,7 @@ def tabulate(variants: list[Variant], results: list[dict], metric: str, mode: st
 
 def measure_costs(recipes: dict[str, Recipe], results: list[dict], device: str) -> list[dict]:
     """Parameters, GFLOPs and batch-1 latency of each variant's model, measured side by side."""
-    from dfx.bench import compare_latency, count_flops, summarize_times
+    from dfx.measure import compare_latency, count_flops, summarize_times
     from dfx.engine import distributed as D
     from dfx.models import build
 
@@ -331,9 +331,9 @@ def example_input(recipe: Recipe, device):
     """One input of the size the recipe evaluates at (detection: its largest scale, square)."""
     import torch
 
-    from dfx.bench import _native_size
+    from dfx.models import native_size
 
-    size = _native_size(recipe) or 224
+    size = native_size(recipe) or 224
     hw = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     if recipe.task == "fusion":
         return torch.randn(1, len(recipe.data.modalities), 3, *hw, device=device)

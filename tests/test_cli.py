@@ -106,7 +106,7 @@ def test_flop_count_includes_fused_cpu_attention():
     import timm
     import torch
 
-    from dfx.bench import count_flops
+    from dfx.measure import count_flops
 
     model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2).eval()
     fused = count_flops(model, torch.randn(1, 3, 64, 64))

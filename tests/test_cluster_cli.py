@@ -14,7 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from dfx.cli import app
-from dfx.cluster.evaluate import cluster_report, feature_fidelity, wrap_model
+from dfx.cluster.analysis import feature_fidelity
+from dfx.cluster_report import cluster_report, wrap_model
 from dfx.data.embedded import generate_shapes_seg
 from dfx.errors import UsageError
 
@@ -82,7 +83,7 @@ def test_feature_fidelity_is_the_cosine_of_the_patch_tokens(seg_run):
 
 
 def test_assignment_sharpness_against_timm_intermediates(seg_run):
-    from dfx.cluster.evaluate import assignment_sharpness
+    from dfx.cluster.analysis import assignment_sharpness
     from dfx.engine.evaluation import load_model
 
     _, _, model, _ = load_model(seg_run)
@@ -99,7 +100,7 @@ def test_assignment_sharpness_against_timm_intermediates(seg_run):
 
 
 def test_auto_temperature_is_calibrated_to_the_feature_scale(seg_run):
-    from dfx.cluster.evaluate import AUTO_SHARPNESS
+    from dfx.cluster.analysis import AUTO_SHARPNESS
 
     report = cluster_report(seg_run, cluster_ratio=0.5, images=3, warmup=0, repeats=1, device="cpu",
                             temperature="auto", metric=False)

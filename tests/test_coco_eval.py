@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dfx.data.coco import quiet_coco
-from dfx.detection.coco_eval import STAT_NAMES, evaluate_coco, run_cocoeval, to_coco_results, write_results
+from dfx.data.coco_eval import STAT_NAMES, evaluate_coco, run_cocoeval, to_coco_results, write_results
 from dfx.detection.plots import draw_predictions, plot_pr_curve
 
 # three 200x200 images; medium boxes only (40x40 .. 90x90 px) of categories 3 ("a") and 8 ("b"), none large

@@ -217,7 +217,7 @@ def test_any_input_size_and_a_swin_backbone():
 
 def test_flops_are_countable_in_eval_mode():
     """`dfx bench` counts FLOPs with module hooks, which reject parameter views made under no_grad."""
-    from dfx.bench import count_flops
+    from dfx.measure import count_flops
 
     for switches in ({}, PAPER_SWITCHES):
         model = build(**switches, one2many_queries=12).eval()

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from dfx import hub
-from dfx.bench import count_flops
+from dfx.measure import count_flops
 from dfx.errors import RunError
 from dfx.fusion import GeminiFusion
 from dfx.fusion.mit import MultiModalMiT, load_mit_weights

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dfx.detection.coco_eval import to_numpy
 from dfx.files import save_figure
 
 MAX_LEGEND_CLASSES = 10  # past this many classes the per-class curves are thin grey lines without a legend
@@ -98,13 +97,13 @@ def draw_predictions(images: list[np.ndarray], predictions: list[dict], class_na
             continue
         ax.imshow(images[i])
         if targets is not None:
-            for box, label in zip(to_numpy(targets[i]["boxes"]).reshape(-1, 4), to_numpy(targets[i]["labels"])):
+            for box, label in zip(_numpy(targets[i]["boxes"]).reshape(-1, 4), _numpy(targets[i]["labels"])):
                 x0, y0, x1, y1 = box.tolist()
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, linestyle="--", linewidth=1,
                                        edgecolor=colours[int(label)]))
         prediction = predictions[i]
-        boxes = to_numpy(prediction["boxes"]).reshape(-1, 4)
-        for box, score, label in zip(boxes, to_numpy(prediction["scores"]), to_numpy(prediction["labels"])):
+        boxes = _numpy(prediction["boxes"]).reshape(-1, 4)
+        for box, score, label in zip(boxes, _numpy(prediction["scores"]), _numpy(prediction["labels"])):
             if score < score_threshold:
                 continue
             x0, y0, x1, y1 = box.tolist()
@@ -116,3 +115,8 @@ def draw_predictions(images: list[np.ndarray], predictions: list[dict], class_na
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def _numpy(values) -> np.ndarray:
+    """A tensor (any device) or list as a numpy array."""
+    return np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)

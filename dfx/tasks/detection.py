@@ -225,7 +225,7 @@ class Evaluator:
 
     @torch.no_grad()
     def update(self, model, batch) -> None:
-        from dfx.detection.coco_eval import to_coco_results
+        from dfx.data.coco_eval import to_coco_results
 
         images, masks, targets = batch
         outputs = model(images, masks)
@@ -244,7 +244,7 @@ class Evaluator:
         return {"results": self.results}
 
     def summarize(self, states: list[dict]) -> dict:
-        from dfx.detection.coco_eval import class_ap, run_cocoeval
+        from dfx.data.coco_eval import class_ap, run_cocoeval
 
         results = [r for s in states for r in s["results"]]
         metrics, cocoeval = run_cocoeval(self.dataset.coco, results)
@@ -257,7 +257,7 @@ class Evaluator:
         import numpy as np
         from PIL import Image
 
-        from dfx.detection.coco_eval import write_results
+        from dfx.data.coco_eval import write_results
         from dfx.detection.plots import draw_predictions, plot_pr_curve
 
         folder = Path(self.task.output_dir)

@@ -301,7 +301,7 @@ def compare(recipe: str | Path, strategies: str | list[str], overrides: Iterable
     compare.csv, compare.md and compare.png into ``runs/fusion/<recipe>-compare[-N]`` (or
     ``<out>/compare``). Returns ``{"rows": [...], "table_dir": ..., "device": ...}``.
     """
-    from dfx.bench import compare_latency, count_flops, summarize_times
+    from dfx.measure import compare_latency, count_flops, summarize_times
     from dfx.engine import distributed as D
     from dfx.engine.rundir import new_run_dir
     from dfx.engine.trainer import train

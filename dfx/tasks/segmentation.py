@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from dfx import hub
 from dfx.data.segmentation import IGNORE_INDEX, SegmentationFolder, SegmentationTransform
 from dfx.errors import UsageError
+from dfx.models.segmenter import Segmenter
 from dfx.weights import load_recipe_weights
 from dfx.recipe import EvalConfig as BaseEvalConfig
 from dfx.recipe import TrainConfig
@@ -60,32 +61,6 @@ class EvalConfig(BaseEvalConfig):
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
-
-
-class Segmenter(nn.Module):
-    """A ViT backbone and a linear decoder (Segmenter's linear baseline).
-
-    images [B, 3, H, W] -> backbone.forward_features -> patch tokens [B, h*w, C] (prefix tokens
-    dropped) -> Linear(C, K) -> logits on the token grid [B, K, h, w] -> bilinear upsampling ->
-    [B, K, H, W]. The dense features are the backbone's final normed patch tokens, so wrapping the
-    backbone with ``dfx.cluster.hourglass`` clusters and reconstructs exactly what the decoder reads.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def dense_features(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Patch tokens [B, h*w, C] and the token grid (h, w)."""
-        grid = tuple(self.backbone.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
-        tokens = self.backbone.forward_features(images)
-        return tokens[:, self.backbone.num_prefix_tokens:], grid
-
-    def forward(self, images: Tensor) -> Tensor:
-        patches, grid = self.dense_features(images)
-        logits = self.head(patches).transpose(1, 2).unflatten(2, grid)  # [B, K, h, w]
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def build_segmenter(model: ModelConfig, num_classes: int) -> Segmenter:

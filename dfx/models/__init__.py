@@ -2,7 +2,9 @@
 
 The model of any task, built from a recipe file, a run directory or a dfx checkpoint without
 reading the dataset (the classes come from the checkpoint, ``data.classes`` or
-``model.num_classes``), with ``model.weights`` loaded, in eval mode.
+``model.num_classes``), with ``model.weights`` loaded, in eval mode. :func:`build_any` also takes
+timm model names (what ``dfx bench`` and ``dfx cluster`` measure). Model classes that belong to
+no single method live here too (:mod:`dfx.models.segmenter`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import torch
 from torch import nn
 
 from dfx.errors import UsageError
@@ -74,3 +77,45 @@ def create_model(recipe: str | os.PathLike, overrides: Iterable[str] = (),
     ``overrides`` ("a.b=c" strings) applied and ``weights`` (or ``model.weights``) loaded, in eval
     mode. The dataset is never read. See DESIGN.md, "Models from Python", for each task's forward."""
     return build(recipe, overrides, weights)[2]
+
+
+def build_any(spec: str, device: torch.device, image_size: int | None = None) -> tuple[nn.Module, str, int | None]:
+    """(model in eval mode, description, native image size) from a run directory, checkpoint, recipe
+    file (its weights when ``model.weights`` is set, else its initialisation) or timm model name
+    (random weights, built for ``image_size`` where the model takes one)."""
+    path = Path(spec)
+    if path.is_dir() or path.suffix in (".safetensors", ".yaml", ".yml"):
+        recipe, _, model, _ = build(path, read_data=True)
+        return model.to(device), f"{model_name(recipe)} ({path})", native_size(recipe)
+    import timm
+
+    from dfx.hub import ALIASES
+
+    name = ALIASES.get(spec, spec)
+    try:
+        try:  # ViT-style models are built for the benchmarked size (position embeddings)
+            model = timm.create_model(name, pretrained=False, **({"img_size": image_size} if image_size else {}))
+        except TypeError:  # CNNs take any size and have no img_size argument
+            model = timm.create_model(name, pretrained=False)
+    except RuntimeError as e:
+        raise UsageError(f"--model {spec!r}: not a run directory, checkpoint, recipe or timm model ({e})") from None
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    return model.to(device).eval(), name, size
+
+
+def model_name(recipe) -> str:
+    """What a recipe's model is called: a timm name, a detector's backbone, or the task."""
+    model = recipe.model
+    if hasattr(model, "name"):
+        return model.name
+    if hasattr(model, "backbone"):
+        return f"{recipe.task} ({model.backbone})"
+    return recipe.task
+
+
+def native_size(recipe) -> int | None:
+    """The square input size a recipe's model is evaluated at (detection: its largest scale)."""
+    data = recipe.data
+    if hasattr(data, "image_size"):
+        return data.image_size
+    return max(data.scales) if getattr(data, "scales", None) else None
