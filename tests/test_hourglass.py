@@ -285,6 +285,7 @@ def test_gradient_checkpointing_matches():
     assert fast.blocks[0].attn.qkv.weight.grad is not None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     vit, x = tiny_vit(), images()

@@ -196,6 +196,7 @@ def test_low_precision_on_cpu(dtype):
     _low_precision_check("cpu", dtype)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_cuda(dtype):
