@@ -250,3 +250,14 @@ def test_dfx_eval_reports_each_stream_and_the_ensemble_of_a_release(tmp_path):
     assert metrics["mIoU/rgb"] == pytest.approx(miou[0], abs=2e-3)
     assert metrics["mIoU/depth"] == pytest.approx(miou[1], abs=2e-3)
     assert metrics["mIoU"] == pytest.approx(miou[2], abs=2e-3)
+
+
+def test_dfx_eval_of_a_release_that_does_not_fit_exits_2_naming_the_keys(tmp_path):
+    file = tmp_path / "rgbdel.pth"
+    torch.save(deliver_release(tiny_deliver()), file)
+    command = [sys.executable, "-m", "dfx", "eval", str(DELIVER), f"model.weights={file}", "data.modalities=[img,depth]",
+               *TINY, "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert "the checkpoint takes 4 modalities" in error and "['img', 'depth']" in error
