@@ -86,6 +86,9 @@ def test_paper_recipes_describe_the_reference_models():
     assert nyu.data.normalize == deliver.data.normalize == "first"
     assert nyu.data.mean == [0.485, 0.456, 0.406] and nyu.data.std == [0.229, 0.224, 0.225]
     assert len(nyu.data.classes) == 40 and len(deliver.data.classes) == 25
+    sun = load_recipe(RECIPES / "gemini-sunrgbd-mitb3.yaml", ["model.pretrained=null"])
+    assert (sun.model.decoder_dim, sun.model.variant, len(sun.data.classes)) == (256, "b3", 37)
+    assert sun.data.classes == nyu.data.classes[:37]  # SUN RGB-D's 37 are NYUDv2's 40 without the "other" three
 
 
 def test_building_a_recipe_that_lists_its_classes_never_reads_the_data(tmp_path):
@@ -261,3 +264,25 @@ def test_dfx_eval_of_a_release_that_does_not_fit_exits_2_naming_the_keys(tmp_pat
     assert result.returncode == 2, result.stderr
     error = json.loads(result.stdout)["error"]
     assert "the checkpoint takes 4 modalities" in error and "['img', 'depth']" in error
+
+
+def test_numpy_scalars_of_numpy_1_and_2_are_read_without_full_pickle(tmp_path):
+    """Released files were written under numpy 1.x (numpy.core.multiarray.scalar) or 2.x (numpy._core...)."""
+    import io
+    import pathlib
+
+    buffer = io.BytesIO()
+    torch.save(nyudv2_release(tiny_nyu()), buffer, _use_new_zipfile_serialization=False)  # one plain pickle stream
+    written = buffer.getvalue()
+    numpy2, numpy1 = b"cnumpy._core.multiarray\nscalar\n", b"cnumpy.core.multiarray\nscalar\n"
+    assert numpy2 in written or numpy1 in written  # best_val and best_epoch are numpy scalars
+    for name, data in (("numpy1", written.replace(numpy2, numpy1)), ("numpy2", written.replace(numpy1, numpy2))):
+        file = tmp_path / f"{name}.pth.tar"
+        file.write_bytes(data)
+        model = dfx.create_model(NYU, TINY, weights=file)
+        assert torch.equal(model.ensemble_weights, tiny_nyu().alpha)
+    hostile = nyudv2_release(tiny_nyu())
+    hostile["args"] = pathlib.PurePosixPath("/tmp")  # any other Python object: refused, never unpickled
+    torch.save(hostile, tmp_path / "hostile.pth.tar")
+    with pytest.raises(UsageError, match=r"hostile\.pth\.tar: refused to unpickle .*weights_only=True"):
+        dfx.create_model(NYU, TINY, weights=tmp_path / "hostile.pth.tar")
