@@ -258,8 +258,8 @@ def test_dfx_eval_reports_each_stream_and_the_ensemble_of_a_release(tmp_path):
 def test_dfx_eval_of_a_release_that_does_not_fit_exits_2_naming_the_keys(tmp_path):
     file = tmp_path / "rgbdel.pth"
     torch.save(deliver_release(tiny_deliver()), file)
-    command = [sys.executable, "-m", "dfx", "eval", str(DELIVER), f"model.weights={file}", "data.modalities=[img,depth]",
-               *TINY, "--json"]
+    command = [sys.executable, "-m", "dfx", "eval", str(DELIVER), f"model.weights={file}",
+               "data.modalities=[img,depth]", *TINY, "--json"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     error = json.loads(result.stdout)["error"]

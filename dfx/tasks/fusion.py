@@ -203,7 +203,8 @@ class Task:
         if m.pretrained and not m.weights:
             state = hub.load_state_dict(hub.resolve(m.pretrained))
             self.weights_report = load_mit_weights(backbone, state, source=m.pretrained)
-        model = FusionSegmenter(backbone, len(self.classes), m.decoder_dim, m.dropout, detach_ensemble=m.ensemble_detach)
+        model = FusionSegmenter(backbone, len(self.classes), m.decoder_dim, m.dropout,
+                                detach_ensemble=m.ensemble_detach)
         load_recipe_weights(model, m, converters=self.released_converters(model),
                             formats=[f"{c.format_name}: {layout}" for c, layout in RELEASED_FORMATS], hint=recipe_key)
         return model
@@ -272,10 +273,11 @@ def check_released(state: dict, model: FusionSegmenter, recipe, file) -> None:
     """Compare a released checkpoint's architecture with the recipe's model; one UsageError naming the fixes."""
     have, want = architecture(state), architecture(model.state_dict())
     fixes = []
-    if have["modalities"] != want["modalities"]:
+    listed = list(recipe.data.modalities)
+    if have["modalities"] != len(listed):
         fixes.append(f"data.modalities: the checkpoint takes {have['modalities']} modalities (stream 0 first, e.g. "
                      f"[rgb, depth] for NYUDv2 / SUN RGB-D, [img, depth, event, lidar] for DeLiVER) but the recipe "
-                     f"lists {want['modalities']}: {list(recipe.data.modalities)}")
+                     f"lists {len(listed)}: {listed}")
     if (have["depths"], have["embed_dims"]) != (want["depths"], want["embed_dims"]):
         named = [v for v, sizes in MIT_VARIANTS.items()
                  if (sizes["depths"], sizes["embed_dims"]) == (have["depths"], have["embed_dims"])]
