@@ -63,15 +63,22 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def _numpy_scalar_types() -> list:
-    """The globals a numpy scalar pickles through, under numpy 1.x and 2.x module names."""
+    """The globals a numpy scalar pickles through, under numpy 1.x and 2.x module names.
+
+    A file names the scalar constructor by the module of the numpy that wrote it
+    (``numpy.core.multiarray.scalar`` under 1.x, ``numpy._core.multiarray.scalar`` under 2.x);
+    torch matches allowed globals by name, so the installed numpy's function is allowed under both.
+    """
     import numpy as np
 
     found = [np.dtype, *{type(np.dtype(t)) for t in "?bhilqBHILQefdgFDG"}]
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
         try:
-            found.append(getattr(__import__(module, fromlist=["scalar"]), "scalar"))
+            scalar = getattr(__import__(module, fromlist=["scalar"]), "scalar")
         except (ImportError, AttributeError):
             continue
+        found += [(scalar, f"{name}.scalar") for name in ("numpy.core.multiarray", "numpy._core.multiarray")]
+        break
     return found
 
 

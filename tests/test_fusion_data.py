@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dfx.data.cache import tree_checksum
-from dfx.data.multimodal import MultiModalFolder, MultiModalTransform, read_modality
+from dfx.data.multimodal import MultiModalFolder, MultiModalTransform
 from dfx.data.shapes_rgbd import generate_shapes_rgbd
 from dfx.errors import UsageError
 
@@ -41,12 +41,6 @@ def test_reads_every_modality_as_three_channels(tmp_path):
     np.testing.assert_array_equal(loaded, label)
 
 
-def test_sixteen_bit_depth_is_scaled_by_its_maximum(tmp_path):
-    depth = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
-    Image.fromarray(depth).save(tmp_path / "d.png")
-    np.testing.assert_array_equal(read_modality(tmp_path / "d.png")[..., 0], [[0, 63], [127, 255]])
-
-
 def test_nyudv2_style_split_lines_of_paths(tmp_path):
     """The official NYUDv2 lists: one line per sample, tab-separated paths, labels in masks/."""
     label = np.zeros((4, 4), dtype=np.uint8)
@@ -73,10 +67,21 @@ def test_augmentation_is_identical_for_every_modality_and_the_label():
         assert images.shape == (2, 3, 24, 32) and out_label.shape == (24, 32) and out_label.dtype == torch.int64
         assert torch.equal(images[0], images[1])
         assert set(out_label.unique().tolist()) <= {0, 1}
-    evaluation = MultiModalTransform((20, 30), training=False)
+    evaluation = MultiModalTransform((20, 30), training=False, normalize="all")
     images, out_label = evaluation([rgb, rgb], label)
     torch.testing.assert_close(images[0], images[1])
     assert images.shape == (2, 3, 20, 30) and images.min() >= -1 and images.max() <= 1  # (x - 0.5) / 0.5
+
+
+def test_only_the_first_modality_is_normalised_by_mean_and_std():
+    """The reference normalises RGB with ImageNet mean/std and only divides depth/event/LiDAR by 255."""
+    rgb = np.full((4, 4, 3), 255, dtype=np.uint8)
+    depth = np.full((4, 4, 3), 51, dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    transform = MultiModalTransform((4, 4), training=False, mean=mean, std=std)
+    images, _ = transform([rgb, depth, depth], np.zeros((4, 4), dtype=np.uint8))
+    torch.testing.assert_close(images[0, :, 0, 0], (1 - torch.tensor(mean)) / torch.tensor(std))
+    torch.testing.assert_close(images[1:], torch.full((2, 3, 4, 4), 0.2))
 
 
 def test_bad_input_errors_name_the_file(tmp_path):

@@ -145,7 +145,7 @@ def test_token_exchange_replaces_low_scored_tokens_only():
 def test_more_than_two_modalities_are_merged_into_the_second_stream():
     backbone = tiny_backbone("gemini", modalities=4)
     assert backbone.streams == 2 and backbone.embed_streams == 4
-    assert isinstance(backbone.merge1, ModalityMerge) and len(backbone.merge1.score) == 3
+    assert isinstance(backbone.merge1, ModalityMerge) and len(backbone.merge1.score_nets) == 3
     assert hasattr(backbone.patch_embed1.norm, "ln_3") and not hasattr(backbone.norm1, "ln_2")
     torch.manual_seed(2)
     images = torch.randn(1, 4, 3, 32, 32)
@@ -158,14 +158,28 @@ def test_more_than_two_modalities_are_merged_into_the_second_stream():
     assert (changed[0] - features[-1][0]).abs().max() > 1e-5  # and reaches RGB through the fusion
 
 
-def test_modality_merge_reweights_then_takes_the_maximum():
+def test_modality_merge_scores_on_the_token_map_reweights_then_takes_the_maximum():
     merge = ModalityMerge(4, inputs=2)
     with torch.no_grad():
-        for score, bias in zip(merge.score, (0.0, math.log(3.0))):  # sigmoid: 0.5 and 0.75
-            score.weight.zero_()
-            score.bias.fill_(bias)
-    a, b = torch.tensor([[[1.0, -1.0, 2.0, 0.0]]]), torch.tensor([[[0.5, 1.0, 1.0, -2.0]]])
-    torch.testing.assert_close(merge([a, b]), torch.maximum(1.5 * a, 1.75 * b))
+        for net, bias in zip(merge.score_nets, (0.0, math.log(3.0))):  # sigmoid: 0.5 and 0.75
+            net[0].weight.fill_(1.0)  # depthwise 3x3: sums each channel's neighbourhood
+            net[0].bias.zero_()
+            net[1].weight.zero_()
+            net[1].bias.fill_(bias)
+    a, b = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    merged, reweighted = merge([a, b], (2, 3))
+    torch.testing.assert_close(merged, torch.maximum(1.5 * a, 1.75 * b))
+    torch.testing.assert_close(reweighted[1], 1.75 * b)
+    # the score sees the 3x3 neighbourhood on the token grid, not the token alone (a Linear would)
+    x = torch.zeros(1, 6, 4)
+    x[0, 0, 0] = 1.0  # one token set, at grid (0, 0) of a 2x3 grid
+    with torch.no_grad():
+        merge.score_nets[0][1].weight.fill_(1.0)
+        reweighted = merge([x, x], (2, 3))[1][0]
+        score = merge.score_nets[0](x.transpose(1, 2).reshape(1, 4, 2, 3)).flatten()
+    expected = torch.sigmoid(torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0]))  # neighbours of (0, 0) see it
+    torch.testing.assert_close(score, expected)
+    torch.testing.assert_close(reweighted, x * (1 + expected.view(1, 6, 1)))
 
 
 # ------------------------------------------------------------------------------------ head, ensemble
@@ -184,6 +198,34 @@ def test_ensemble_is_the_softmax_weighted_sum_of_the_stream_logits():
     assert not torch.allclose(out["streams"][0], out["streams"][1])  # per-modality logits differ
     (out["ensemble"].sum()).backward()
     assert model.ensemble_weights.grad.abs().sum() > 0  # the weights are learned
+
+
+def test_the_ensemble_loss_trains_the_ensemble_weights_only():
+    torch.manual_seed(0)
+    model = FusionSegmenter(tiny_backbone("gemini"), num_classes=5, embed_dim=16)
+    images = torch.randn(2, 2, 3, 32, 32)
+    model(images).square().mean().backward()
+    assert model.ensemble_weights.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in model.named_parameters()
+               if n != "ensemble_weights")  # the reference detaches the streams inside the ensemble
+    model.zero_grad(set_to_none=True)
+    model.detach_ensemble = False  # the switch: the ensemble loss reaches the streams too
+    model(images).square().mean().backward()
+    assert model.decode_head.linear_pred.weight.grad.abs().sum() > 0
+    single = FusionSegmenter(tiny_backbone("none"), num_classes=5, embed_dim=16)
+    single(images).square().mean().backward()  # one stream: its ensemble is the stream, never detached
+    assert single.decode_head.linear_pred.weight.grad.abs().sum() > 0
+
+
+def test_a_list_of_modality_images_returns_streams_and_ensemble():
+    torch.manual_seed(0)
+    model = FusionSegmenter(tiny_backbone("gemini"), num_classes=5, embed_dim=16).eval()
+    x0, x1 = torch.randn(1, 3, 32, 40), torch.randn(1, 3, 32, 40)
+    out = model([x0, x1])
+    torch.testing.assert_close(out["ensemble"], model(torch.stack([x0, x1], 1)))
+    assert out["streams"][1].shape == (1, 5, 32, 40)
+    with pytest.raises(ValueError, match="expected 2 images"):
+        model([x0])
 
 
 # ---------------------------------------------------------------------------- official mit_b* weights

@@ -12,9 +12,12 @@ of the official NYUDv2 code) assigns each path to the modality (or label) folder
 The NYUDv2 layout of the official code is this one with modalities ``[rgb, depth]``, labels in
 ``masks/``, 40 classes and lists of 795 train / 654 test images (recipes/gemini-nyudv2-mitb3.yaml).
 
-Every modality image becomes 3 channels: RGB as is, a single-channel image (depth, event,
-LiDAR) repeated three times; 16-bit single-channel images are scaled by their maximum to 0-255
-first. A sample is ``(images [M, 3, H, W] float (normalised), label [H, W] int64)``.
+Every modality image becomes 3 channels on a 0-255 scale: RGB (and HHA) as is, a single-channel
+8-bit image (depth, event, LiDAR) repeated three times; 16-bit single-channel images are raw depth,
+decoded to metres by ``depth`` (dfx.data.depth: millimetres or another unit, SUN RGB-D's rotated
+bits, NYU's raw Kinect frames) and mapped to 0-255. A sample is ``(images [M, 3, H, W] float
+(normalised), label [H, W] int64)``: the first modality (RGB) normalised with mean/std, the others
+only divided by 255, as GeminiFusion's reference does.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from dfx.data.depth import DepthFormat, read_image_array
 from dfx.data.segmentation import IGNORE_INDEX, IMAGE_SUFFIXES, read_label, read_lines
 from dfx.errors import UsageError
 
@@ -42,8 +45,10 @@ class MultiModalFolder(Dataset):
     """
 
     def __init__(self, root: str | Path, split: str, modalities: list[str], labels: str = "labels",
-                 split_file: str | None = None, classes: list[str] | None = None, transform=None):
+                 split_file: str | None = None, classes: list[str] | None = None, transform=None,
+                 depth: DepthFormat = DepthFormat()):
         self.root = Path(root)
+        self.depth = depth
         self.modalities = list(modalities)
         self.labels = labels
         self.transform = transform
@@ -92,9 +97,9 @@ class MultiModalFolder(Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """The raw sample: one uint8 [H, W, 3] array per modality and the checked uint8 label [H, W]."""
+        """The raw sample: one float32 [H, W, 3] array (0-255) per modality and the checked uint8 label [H, W]."""
         paths, label_path = self.samples[index]
-        images = [read_modality(path) for path in paths]
+        images = [read_image_array(path, self.depth) for path in paths]
         for path, image in zip(paths[1:], images[1:]):
             if image.shape[:2] != images[0].shape[:2]:
                 raise UsageError(f"{path} is {image.shape[1]}x{image.shape[0]} but {paths[0]} is "
@@ -117,33 +122,19 @@ class MultiModalFolder(Dataset):
         return self.transform(images, label)
 
 
-def read_modality(path: Path) -> np.ndarray:
-    """An image file as uint8 [H, W, 3]: RGB as is, single-channel images repeated three times."""
-    try:
-        with Image.open(path) as image:
-            if image.mode in ("I;16", "I;16B", "I", "F"):
-                values = np.asarray(image, dtype=np.float64)
-                array = (values * (255.0 / max(float(values.max()), 1e-9))).clip(0, 255).astype(np.uint8)
-            else:
-                array = np.asarray(image.convert("L" if image.mode in ("L", "LA", "1") else "RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise UsageError(f"cannot read image {path}: {e}; remove or replace the file") from None
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    return array
-
-
 class MultiModalTransform:
-    """``(M arrays uint8 [H, W, 3], label [H, W]) -> (images [M, 3, h, w] float, label [h, w] int64)``.
+    """``(M arrays [H, W, 3] on 0-255, label [H, W]) -> (images [M, 3, h, w] float, label [h, w] int64)``.
 
     Training: one random resized crop (area share ``scale``, aspect ``ratio``) to ``size`` (h, w)
     and one horizontal flip with probability ``hflip``, the same draw for every modality and the
     label (torchvision ``transforms.v2``: bilinear for images, nearest for the label). Evaluation:
-    resize to ``size``. Then every modality is scaled to [0, 1] and normalised by ``mean``/``std``.
+    resize to ``size``. Then every modality is scaled to [0, 1]; ``normalize="first"`` (the
+    reference's) normalises the first modality (RGB) by ``mean``/``std`` and leaves the others in
+    [0, 1]; ``"all"`` normalises every modality.
     """
 
     def __init__(self, size: tuple[int, int], training: bool, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
-                 hflip: float = 0.5, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+                 hflip: float = 0.5, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), normalize: str = "first"):
         from torchvision.transforms import v2
 
         size = tuple(size)
@@ -152,15 +143,25 @@ class MultiModalTransform:
                                                              antialias=True), v2.RandomHorizontalFlip(hflip)])
         else:
             self.geometry = v2.Resize(size, antialias=True)
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+        self.normalize = normalize
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, images: list[np.ndarray], label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         from torchvision import tv_tensors
 
-        stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [M, 3, H, W] uint8
+        stacked = torch.from_numpy(np.stack(images).astype(np.float32, copy=False)).permute(0, 3, 1, 2)
         # one Image tensor for all modalities: one geometry draw, applied to every channel alike
         image_out, label_out = self.geometry(tv_tensors.Image(stacked.flatten(0, 1)),
                                              tv_tensors.Mask(torch.from_numpy(label)))
-        image_out = image_out.as_subclass(torch.Tensor).unflatten(0, (len(images), 3)).float().div_(255)
-        return (image_out - self.mean) / self.std, label_out.as_subclass(torch.Tensor).long()
+        image_out = image_out.as_subclass(torch.Tensor).unflatten(0, (len(images), 3)).div(255)
+        if self.normalize == "all":
+            image_out = (image_out - self.mean) / self.std
+        else:
+            image_out = torch.cat([(image_out[:1] - self.mean) / self.std, image_out[1:]])
+        return image_out, label_out.as_subclass(torch.Tensor).long()
+
+
+NORMALIZE = ("first", "all")

@@ -15,10 +15,11 @@ streams' attention outputs before the output projection; ``none`` and ``concat``
 with no fusion module.
 
 With more than two modalities (DeLiVER-style RGB + depth + event + LiDAR), the first modality is
-stream 0 and the others are merged into stream 1 at every stage: stage ``i`` patch-embeds stream
-1's previous output and each extra modality's previous embedding (shared conv, own norm) and
-merges them with :class:`~dfx.fusion.strategies.ModalityMerge` before the blocks; the extra
-modalities themselves only pass through the patch embeddings.
+stream 0 and the others are merged into stream 1 at every stage, as GeminiFusion's DeLiVER model
+does: stage ``i`` patch-embeds every input (shared conv, a LayerNorm per input), scores and
+re-weights the extra inputs and merges them with :class:`~dfx.fusion.strategies.ModalityMerge`
+(element-wise maximum) into stream 1 before the blocks. The next stage's extra inputs are the
+re-weighted extra embeddings plus stream 1's stage output (both as token maps).
 
 Parameter names follow the official SegFormer ``mit_b*`` checkpoints (``patch_embed1.proj``,
 ``block1.0.attn.q`` / ``kv`` / ``sr`` / ``proj``, ``block1.0.mlp.fc1`` / ``dwconv.dwconv`` /
@@ -224,16 +225,18 @@ class MultiModalMiT(nn.Module):
             tokens, grid = getattr(self, f"patch_embed{i}")(torch.cat(inputs))
             parts = tokens.chunk(len(inputs))
             extras = []
-            if len(parts) > 2:  # stream 1 and the extra modalities become one stream
-                extras = parts[2:]
-                parts = (parts[0], getattr(self, f"merge{i}")(list(parts[1:])))
+            if len(parts) > 2:  # the extra modalities become stream 1
+                merged, extras = getattr(self, f"merge{i}")(list(parts[1:]), grid)
+                parts = (parts[0], merged)
             x = torch.cat(parts)
             for block in getattr(self, f"block{i}"):
                 x = block(x, grid)
             x = getattr(self, f"norm{i}")(x)
             maps = x.transpose(1, 2).reshape(x.shape[0], -1, *grid)
             features.append(maps.view(self.streams, batch, *maps.shape[1:]))
-            inputs = [*maps.chunk(self.streams), *(e.transpose(1, 2).reshape(batch, -1, *grid) for e in extras)]
+            inputs = list(maps.chunk(self.streams))
+            if extras:  # re-weighted extras plus the merged stream's output feed the next stage
+                inputs = [inputs[0], *(e.transpose(1, 2).reshape(batch, -1, *grid) + inputs[1] for e in extras)]
         return features
 
     def fusion_modules(self) -> list[nn.Module]:

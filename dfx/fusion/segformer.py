@@ -57,17 +57,26 @@ class FusionSegmenter(nn.Module):
     """Multi-modal MiT + one SegFormer head shared by the streams + a learned ensemble.
 
     ``forward_all(images [B, M, 3, H, W])`` -> ``{"streams": [S x [B, K, H, W]], "ensemble": [B, K, H, W]}``
-    where the ensemble is ``sum_s softmax(ensemble_weights)_s * logits_s`` (``ensemble_weights``
-    starts at zero: equal weights). ``forward`` returns the ensemble logits (for one stream, that
-    stream's logits), so segmentation evaluators can call the model like a single-modality one;
-    ``forward(images, streams=True)`` returns the dict (through DistributedDataParallel too).
+    at the input resolution (bilinear), where the ensemble is
+    ``sum_s softmax(ensemble_weights)_s * logits_s`` (``ensemble_weights`` starts at zero: equal
+    weights). With ``detach_ensemble`` (GeminiFusion's reference) the streams' logits are detached
+    inside the ensemble, so a loss on the ensemble trains the ensemble weights only and each stream
+    learns from its own loss; with one stream the ensemble is that stream, never detached.
+
+    ``forward(images)`` with a ``[B, M, 3, H, W]`` tensor returns the ensemble logits, so
+    segmentation evaluators can call the model like a single-modality one; ``forward(images,
+    streams=True)`` returns the dict (through DistributedDataParallel too); ``forward([x_0, ...,
+    x_{M-1}])``, one ``[B, 3, H, W]`` tensor per modality (dfx.create_model's contract), returns
+    the dict.
     """
 
-    def __init__(self, backbone: MultiModalMiT, num_classes: int, embed_dim: int = 256, dropout: float = 0.1):
+    def __init__(self, backbone: MultiModalMiT, num_classes: int, embed_dim: int = 256, dropout: float = 0.1,
+                 detach_ensemble: bool = True):
         super().__init__()
         self.backbone = backbone
         self.decode_head = SegFormerHead(backbone.embed_dims, embed_dim, num_classes, dropout)
         self.ensemble_weights = nn.Parameter(torch.zeros(backbone.streams))
+        self.detach_ensemble = detach_ensemble
 
     @property
     def streams(self) -> int:
@@ -79,12 +88,19 @@ class FusionSegmenter(nn.Module):
         logits = self.decode_head([f.flatten(0, 1) for f in features])
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
         per_stream = list(logits.unflatten(0, (streams, batch)).unbind(0))
+        detach = self.detach_ensemble and streams > 1
         weights = self.ensemble_weights.softmax(0)
-        ensemble = sum(w * x for w, x in zip(weights, per_stream))
+        ensemble = sum(w * (x.detach() if detach else x) for w, x in zip(weights, per_stream))
         return {"streams": per_stream, "ensemble": ensemble}
 
-    def forward(self, images: torch.Tensor, streams: bool = False):
-        """Ensemble logits ``[B, K, H, W]``; with ``streams=True`` the dict of :meth:`forward_all`."""
+    def forward(self, images, streams: bool = False):
+        """Ensemble logits ``[B, K, H, W]``; the dict of :meth:`forward_all` with ``streams=True`` or
+        when ``images`` is a list of per-modality ``[B, 3, H, W]`` tensors."""
+        if isinstance(images, (list, tuple)):
+            if len(images) != self.backbone.modalities:
+                raise ValueError(f"expected {self.backbone.modalities} images (one [B, 3, H, W] tensor per modality), "
+                                 f"got {len(images)}")
+            return self.forward_all(torch.stack(list(images), 1))
         out = self.forward_all(images)
         return out if streams else out["ensemble"]
 

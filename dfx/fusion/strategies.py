@@ -107,19 +107,30 @@ def build_fusion(name: str, dim: int, heads: int, exchange_threshold: float = 0.
 
 
 class ModalityMerge(nn.Module):
-    """Merge K extra modalities into one stream (DeLiVER-style, more than two modalities).
+    """Merge K extra modalities into one stream (GeminiFusion's DeLiVER model, more than two modalities).
 
-    ``forward(xs)``: K tensors ``[B, N, C]`` -> ``[B, N, C]``. Each input gets a per-token score
-    from its own 1x1 projection and a sigmoid, ``s_k = sigmoid(w_k . x_k + b_k)``; it is
-    re-weighted as ``x_k + s_k * x_k``; the result is the element-wise maximum over k.
+    ``forward(xs, grid)``: K token tensors ``[B, N, C]`` on a ``grid = (h, w)`` token map ->
+    ``(merged [B, N, C], reweighted: K x [B, N, C])``. Each input gets a per-token score from its
+    own small conv net on the token map (3x3 depthwise conv, 1x1 conv to one channel, sigmoid):
+    ``s_k = sigmoid(conv1x1(dwconv3x3(x_k)))``; it is re-weighted as ``x_k + s_k * x_k``; the merged
+    stream is the element-wise maximum over k. The re-weighted inputs are returned too: the
+    backbone hands them (plus the merged stream's stage output) to the next stage.
+    Parameter names follow the reference's ``extra_score_predictor.<stage>.score_nets.<k>``.
     """
 
     def __init__(self, dim: int, inputs: int):
         super().__init__()
-        self.score = nn.ModuleList(nn.Linear(dim, 1) for _ in range(inputs))
+        self.score_nets = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dim, dim, 3, 1, 1, groups=dim), nn.Conv2d(dim, 1, 1), nn.Sigmoid())
+            for _ in range(inputs)
+        )
 
-    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        if len(xs) != len(self.score):
-            raise ValueError(f"expected {len(self.score)} modality streams to merge, got {len(xs)}")
-        weighted = [x + torch.sigmoid(score(x)) * x for x, score in zip(xs, self.score)]
-        return torch.stack(weighted).amax(0)
+    def forward(self, xs: list[torch.Tensor], grid: tuple[int, int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if len(xs) != len(self.score_nets):
+            raise ValueError(f"expected {len(self.score_nets)} modality streams to merge, got {len(xs)}")
+        reweighted = []
+        for x, score_net in zip(xs, self.score_nets):
+            batch, _, dim = x.shape
+            score = score_net(x.transpose(1, 2).reshape(batch, dim, *grid)).flatten(2).transpose(1, 2)  # [B, N, 1]
+            reweighted.append(x + score * x)
+        return torch.stack(reweighted).amax(0), reweighted

@@ -28,11 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dfx import hub
+from dfx.data.depth import DepthFormat
 from dfx.data.multimodal import MultiModalFolder, MultiModalTransform
 from dfx.data.segmentation import IGNORE_INDEX
 from dfx.errors import UsageError
+from dfx.models import recipe_classes
 from dfx.weights import load_recipe_weights
 from dfx.fusion.mit import MIT_VARIANTS, MultiModalMiT, load_mit_weights
+from dfx.fusion.released import RELEASED_FORMATS, architecture
 from dfx.fusion.segformer import FusionSegmenter
 from dfx.fusion.strategies import FUSIONS, TWO_STREAM
 from dfx.recipe import TrainConfig as BaseTrainConfig
@@ -63,9 +66,12 @@ class ModelConfig(WeightsConfig):
     mlp_ratios: Union[list[int], None] = None
     sr_ratios: Union[list[int], None] = None
     drop_path_rate: float = 0.1
-    decoder_dim: int = 256  # SegFormer: 256 for B0/B1, 768 for B2-B5
+    decoder_dim: int = 256  # GeminiFusion: 256 on NYUDv2 / SUN RGB-D, 512 on DeLiVER
     dropout: float = 0.1
     stream_loss: float = 1.0  # weight of each stream's own loss (the ensemble's is 1)
+    # the reference trains the ensemble weights only with the ensemble loss (streams detached in it);
+    # false lets the ensemble loss reach the streams too (one more signal towards the fused prediction)
+    ensemble_detach: bool = True
     exchange_threshold: float = 0.02  # exchange: tokens scored below are replaced
     exchange_sparsity: float = 0.01  # exchange: weight of the mean-score (L1) penalty
 
@@ -92,7 +98,11 @@ class DataConfig:
 
     ``modalities``: folder names in the order the model reads them (the first is the primary
     stream; ``none`` uses it alone). ``image_size``: the training crop and evaluation size, an int
-    (square) or [height, width].
+    (square) or [height, width]. ``normalize``: ``first`` (the reference) normalises the first
+    modality (RGB) by ``mean``/``std`` and only divides the others by 255; ``all`` normalises every
+    modality. 16-bit depth files are decoded by ``depth_encoding`` (``linear``: ``depth_scale``
+    units per metre, 1000 = millimetres; ``sunrgbd``; ``nyu-raw``) and ``depth_max`` metres map
+    to 255 (dfx.data.depth).
     """
 
     root: str = "shapes-rgbd"
@@ -107,6 +117,14 @@ class DataConfig:
     hflip: float = 0.5
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    normalize: Literal["first", "all"] = "first"
+    depth_encoding: Literal["linear", "sunrgbd", "nyu-raw"] = "linear"
+    depth_scale: float = 1000.0  # raw units per metre (linear): 1000 millimetres, 5000 TUM RGB-D
+    depth_max: float = 10.0  # metres mapped to 255
+
+    @property
+    def depth(self) -> DepthFormat:
+        return DepthFormat(self.depth_encoding, self.depth_scale, self.depth_max)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -121,6 +139,9 @@ class DataConfig:
         check_crop_augmentation(prefix, self.scale, self.ratio, self.hflip)
         if len(self.mean) != 3 or len(self.std) != 3:
             raise UsageError(f"{prefix}.mean/std: expected three values (every modality is read as 3 channels)")
+        if not self.depth_scale > 0 or not self.depth_max > 0:
+            raise UsageError(f"{prefix}.depth_scale / depth_max: expected positive numbers (units per metre, "
+                             f"metres), got {self.depth_scale} / {self.depth_max}")
 
 
 @dataclass
@@ -160,14 +181,16 @@ class Task:
     def dataset(self, split: str) -> MultiModalFolder:
         data = self.recipe.data
         transform = MultiModalTransform(data.size, split == "train", scale=data.scale, ratio=data.ratio,
-                                        hflip=data.hflip, mean=data.mean, std=data.std)
+                                        hflip=data.hflip, mean=data.mean, std=data.std, normalize=data.normalize)
         dataset = MultiModalFolder(data_root(data.root), split, data.modalities, labels=data.labels,
                                    split_file=data.train_split if split == "train" else data.val_split,
-                                   classes=data.classes, transform=transform)
+                                   classes=data.classes, transform=transform, depth=data.depth)
         self.classes = agreed_classes(self.classes, dataset.classes, data.root)
         return dataset
 
     def build_model(self) -> FusionSegmenter:
+        if self.classes is None:
+            self.classes = recipe_classes(self.recipe)  # data.classes: no need to read the data
         if self.classes is None:
             self.dataset("val")
         m = self.recipe.model
@@ -180,9 +203,23 @@ class Task:
         if m.pretrained and not m.weights:
             state = hub.load_state_dict(hub.resolve(m.pretrained))
             self.weights_report = load_mit_weights(backbone, state, source=m.pretrained)
-        model = FusionSegmenter(backbone, len(self.classes), m.decoder_dim, m.dropout)
-        load_recipe_weights(model, m)
+        model = FusionSegmenter(backbone, len(self.classes), m.decoder_dim, m.dropout,
+                                detach_ensemble=m.ensemble_detach)
+        load_recipe_weights(model, m, converters=self.released_converters(model),
+                            formats=[f"{c.format_name}: {layout}" for c, layout in RELEASED_FORMATS], hint=recipe_key)
         return model
+
+    def released_converters(self, model: FusionSegmenter) -> list:
+        """The released formats' converters, each checking that the file fits the recipe's model first."""
+        def checked(convert):
+            def run(checkpoint):
+                state = convert(checkpoint)
+                if state is not None:
+                    check_released(state, model, self.recipe, checkpoint.file)
+                return state
+            run.format_name = convert.format_name
+            return run
+        return [checked(convert) for convert, _ in RELEASED_FORMATS]
 
     def info(self) -> dict:
         return {"classes": self.classes, "modalities": list(self.recipe.data.modalities)}
@@ -217,6 +254,46 @@ class Task:
 
     def evaluator(self) -> "FusionEvaluator":
         return FusionEvaluator(self.classes, stream_names(self.recipe.data.modalities, self.recipe.model.fusion))
+
+
+def recipe_key(key: str) -> str | None:
+    """The recipe key(s) that decide the shape of a fusion model's tensor ``key`` (for load errors)."""
+    if key.startswith("decode_head.linear_pred."):
+        return "data.classes"
+    if key.startswith("decode_head."):
+        return "model.decoder_dim"
+    if ".norm.ln_" in key and key.startswith("backbone.patch_embed"):
+        return "data.modalities"
+    if key.startswith("backbone."):
+        return "model.variant / model.embed_dims"
+    return None
+
+
+def check_released(state: dict, model: FusionSegmenter, recipe, file) -> None:
+    """Compare a released checkpoint's architecture with the recipe's model; one UsageError naming the fixes."""
+    have, want = architecture(state), architecture(model.state_dict())
+    fixes = []
+    listed = list(recipe.data.modalities)
+    if have["modalities"] != len(listed):
+        fixes.append(f"data.modalities: the checkpoint takes {have['modalities']} modalities (stream 0 first, e.g. "
+                     f"[rgb, depth] for NYUDv2 / SUN RGB-D, [img, depth, event, lidar] for DeLiVER) but the recipe "
+                     f"lists {len(listed)}: {listed}")
+    if (have["depths"], have["embed_dims"]) != (want["depths"], want["embed_dims"]):
+        named = [v for v, sizes in MIT_VARIANTS.items()
+                 if (sizes["depths"], sizes["embed_dims"]) == (have["depths"], have["embed_dims"])]
+        fix = f"model.variant={named[0]}" if named else (f"model.depths={have['depths']} "
+                                                         f"model.embed_dims={have['embed_dims']}")
+        fixes.append(f"{fix}: the checkpoint's MiT has depths {have['depths']} and widths {have['embed_dims']}, the "
+                     f"recipe's {want['depths']} and {want['embed_dims']}")
+    if have["decoder_dim"] != want["decoder_dim"]:
+        fixes.append(f"model.decoder_dim={have['decoder_dim']} (the recipe says {want['decoder_dim']})")
+    if have["classes"] != want["classes"]:
+        fixes.append(f"data.classes: the checkpoint predicts {have['classes']} classes, the recipe lists "
+                     f"{want['classes']}")
+    if have["gemini"] != want["gemini"]:
+        fixes.append(f"model.fusion=gemini (the recipe says {recipe.model.fusion!r})")
+    if fixes:
+        raise UsageError(f"{file} does not fit the recipe's model; change " + "; ".join(fixes))
 
 
 class FusionEvaluator:
