@@ -21,7 +21,6 @@ from typing import Mapping
 
 from torch import Tensor
 
-from dfx.weights import Checkpoint
 
 # reference name -> dfx name, applied in order to every key
 _RENAMES = [
@@ -62,8 +61,10 @@ def _tensor_dict(value) -> bool:
     return isinstance(value, Mapping) and bool(value) and all(isinstance(v, Tensor) for v in value.values())
 
 
-def convert_nyudv2(checkpoint: Checkpoint) -> dict[str, Tensor] | None:
-    """A NYUDv2 / SUN RGB-D release (``{"segmenter": ...}``) in dfx's names, else None."""
+def convert_nyudv2(checkpoint) -> dict[str, Tensor] | None:
+    """A NYUDv2 / SUN RGB-D release (``{"segmenter": ...}``) in dfx's names, else None.
+
+    ``checkpoint``: a dfx.weights.Checkpoint; its ``raw`` is what ``torch.load`` returned."""
     raw = checkpoint.raw
     if not isinstance(raw, Mapping) or not _tensor_dict(raw.get("segmenter")):
         return None
@@ -76,7 +77,7 @@ def convert_nyudv2(checkpoint: Checkpoint) -> dict[str, Tensor] | None:
 convert_nyudv2.format_name = "GeminiFusion NYUDv2 / SUN RGB-D release"
 
 
-def convert_deliver(checkpoint: Checkpoint) -> dict[str, Tensor] | None:
+def convert_deliver(checkpoint) -> dict[str, Tensor] | None:
     """A DeLiVER release (bare ``backbone.*`` / ``decode_head.*`` / ``alpha`` state dict) in dfx's names, else None."""
     raw = checkpoint.raw
     if not _tensor_dict(raw):
