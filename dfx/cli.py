@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -16,9 +17,17 @@ from typing import Callable, List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import dfx
 from dfx.errors import DfxError, UsageError
+
+try:  # Typer's command-line parse errors (it ships its own copy of click)
+    from typer._click.exceptions import NoArgsIsHelpError
+    from typer._click.exceptions import UsageError as ParseError
+except ImportError:  # older Typer runs on click itself
+    from click.exceptions import NoArgsIsHelpError
+    from click.exceptions import UsageError as ParseError
 
 app = typer.Typer(
     name="dfx",
@@ -63,6 +72,28 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers such as SLURM send before killing a job), raised like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
+def handle_sigterm() -> None:
+    """Stop on SIGTERM as on SIGINT: the current step is discarded, the run directory keeps its
+    last committed epoch, and the error/JSON contract holds (exit 143)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def report(message: str, code: int, json_out: bool) -> None:
+    """Print an error: one plain-text line on stderr (never read as markup) and, under --json,
+    exactly one JSON object on stdout."""
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+    if json_out:
+        print(json.dumps({"error": message, "exit_code": code}), flush=True)
+
+
 def run(work: Callable[[], dict], *, json_out: bool, debug: bool, show: Callable[[dict], None]) -> None:
     """Call ``work`` and print its result; turn errors into a line and an exit code."""
     try:
@@ -71,8 +102,11 @@ def run(work: Callable[[], dict], *, json_out: bool, debug: bool, show: Callable
         if debug:
             traceback.print_exc()
         code, message = e.exit_code, _one_line(e)
-    except KeyboardInterrupt:
-        code, message = 130, "interrupted"
+    except KeyboardInterrupt as e:
+        signal_name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        code = 128 + getattr(signal, signal_name)
+        message = (f"interrupted by {signal_name}; runs keep their last completed epoch "
+                   "(continue one with `dfx train RECIPE --resume`)")
     except Exception as e:  # a bug or an unexpected library error
         if debug:
             traceback.print_exc()
@@ -89,9 +123,7 @@ def run(work: Callable[[], dict], *, json_out: bool, debug: bool, show: Callable
                 show(result)
         return
     if _is_main_process():
-        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-        if json_out:
-            print(json.dumps({"error": message, "exit_code": code}))
+        report(message, code, json_out)
     raise typer.Exit(code)
 
 
@@ -409,7 +441,24 @@ def main() -> None:
     # data-loader workers) spinning threads stall every kernel. Must be set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.argv = [sys.argv[0], *_resume_flag(sys.argv[1:])]
-    app()
+    handle_sigterm()
+    json_out = "--json" in sys.argv[1:]
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as e:  # bare `dfx` or `dfx train`: the help
+        print(e.ctx.get_help())
+        code = 0 if e.ctx.parent is None else 2
+        if json_out or code:
+            report(f"missing arguments; see `{e.ctx.command_path} --help`", 2, json_out)
+            code = 2
+    except ParseError as e:  # Typer's own: missing argument, unknown option or command
+        hint = f"; see `{e.ctx.command_path} --help`" if e.ctx is not None else ""
+        report(f"{e.format_message().rstrip('.')}{hint}", 2, json_out)
+        code = 2
+    except typer.Abort:
+        report("interrupted by SIGINT", 130, json_out)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet,
         files = state.get("files", {})
         # the records committed with the state; older runs kept them only in metrics.jsonl
         rows = state.get("rows") or [r for r in read_rows(run_dir) if r["epoch"] <= state["epoch"]]
-        if ctx.is_main and read_rows(run_dir) != rows:  # rows of an uncommitted epoch, or a missing one
+        if ctx.is_main:  # the records of exactly the committed epochs (a kill may have cut them short)
             write_rows(run_dir, rows)
             plot(run_dir, rows)
         progress.log(f"dfx: resuming {run_dir} from epoch {state['epoch']} (checkpoint verified)")
