@@ -110,3 +110,56 @@ def check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise write_error(folder, e) from None
+
+
+class FileLock:
+    """An exclusive OS lock (``fcntl.flock``) on ``path``, created if needed.
+
+    The kernel releases it when the holder exits or is killed (even by kill -9), so a lock left
+    by a dead process is taken over without anyone deleting it. The file records the holder's
+    pid for the message a second process gets. ``acquire(wait=False)`` returns False when
+    another process holds it. Without ``fcntl`` (not POSIX) locking is a no-op.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def acquire(self, wait: bool = True) -> bool:
+        try:
+            import fcntl
+        except ImportError:
+            return True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise write_error(self.path, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return True
+
+    def holder(self) -> str:
+        """The pid written by the process holding the lock (best effort)."""
+        try:
+            return self.path.read_text().strip() or "another process"
+        except OSError:
+            return "another process"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock; the file stays (removing it would race)
+            self.fd = None
+
+    def __enter__(self) -> "FileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

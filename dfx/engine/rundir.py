@@ -8,11 +8,11 @@ by kill -9, so a stale lock is taken over without anybody deleting it).
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from dfx.errors import RunError, UsageError
+from dfx.files import FileLock, write_error
 
 RUNS = Path("runs")
 LOCK = ".lock"
@@ -39,7 +39,7 @@ def new_run_dir(task: str, stem: str, out: str | Path | None = None) -> Path:
         except FileExistsError:
             continue
         except OSError as e:
-            raise _cannot_create(path, e) from None
+            raise write_error(path, e) from None
     raise UsageError(f"too many runs of {stem} under {parent}")
 
 
@@ -47,13 +47,7 @@ def _mkdir(path: Path, **kwargs) -> None:
     try:
         path.mkdir(**kwargs)
     except OSError as e:
-        raise _cannot_create(path, e) from None
-
-
-def _cannot_create(path: Path, error: OSError) -> RunError:
-    from dfx.files import write_error
-
-    return write_error(path, error)
+        raise write_error(path, e) from None
 
 
 def _run_number(path: Path, stem: str) -> int:
@@ -85,39 +79,17 @@ def check_resumable(run_dir: Path) -> Path:
 
 
 class RunLock:
-    """An exclusive lock on a run directory, held while one process writes it.
-
-    ``fcntl.flock`` on ``<run>/.lock``: the kernel drops it when the holder exits or is killed,
-    so a lock left by a dead process is simply taken over. The file records the holder's pid
-    for the message another process gets.
-    """
+    """An exclusive lock on a run directory (``<run>/.lock``), held while one process writes it;
+    a lock left by a killed process is taken over (see :class:`dfx.files.FileLock`)."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK
-        self.fd: int | None = None
+        self.lock = FileLock(Path(run_dir) / LOCK)
 
     def acquire(self) -> "RunLock":
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock (documented)
-            return self
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise _cannot_create(self.path, e) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise RunError(f"{self.path.parent} is in use by process {holder} (it holds {self.path}); "
-                           "wait for it to finish or stop it before resuming") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
+        if not self.lock.acquire(wait=False):
+            raise RunError(f"{self.lock.path.parent} is in use by process {self.lock.holder()} (it holds "
+                           f"{self.lock.path}); wait for it to finish or stop it before resuming")
         return self
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the flock; the file stays (removing it would race)
-            self.fd = None
+        self.lock.release()
