@@ -29,6 +29,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from dfx.errors import RunError
 from dfx.files import atomic_write
+from dfx.hub import refusal_reason
 
 WEIGHTS = ("last", "best")
 
@@ -132,26 +133,6 @@ def load_state(path: Path) -> dict:
     except Exception as e:
         raise fail(refusal_reason(e) or f"{_first_line(e)} (corrupt or truncated file)") from None
     return state
-
-
-def refusal_reason(error: BaseException) -> str | None:
-    """Why a ``weights_only`` load refused a file, in dfx's words (None: not a refusal).
-
-    torch's own text suggests ``weights_only=False``, which dfx never uses: a file that needs
-    full pickle can run arbitrary code when loaded.
-    """
-    text = str(error)
-    if "Weights only load failed" not in text and "Unsupported global" not in text:
-        return None
-    name = next((line.split("GLOBAL", 1)[1].split()[0] for line in text.splitlines() if "GLOBAL" in line), None)
-    what = f" ({name})" if name else ""
-    return (f"it holds Python objects{what} that dfx refuses to unpickle (only tensors and plain values are "
-            "loaded); save the weights as safetensors or a plain state dict")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def next_path(folder: Path, name: str) -> Path:
