@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 import dfx
-from dfx.errors import DfxError, UsageError
+from dfx.errors import DfxError, UsageError, rank_label, record_failure
 
 try:  # Typer's command-line parse errors (it ships its own copy of click)
     from typer._click.exceptions import NoArgsIsHelpError
@@ -122,8 +122,13 @@ def run(work: Callable[[], dict], *, json_out: bool, debug: bool, show: Callable
             else:
                 show(result)
         return
-    if _is_main_process():
+    message = rank_label() + message
+    if record_failure(message, code):  # launched by `--nproc-per-node`: the launcher reports the first failure
+        pass
+    elif _is_main_process():
         report(message, code, json_out)
+    else:  # torchrun started by hand: every failing rank says why on stderr
+        report(message, code, json_out=False)
     raise typer.Exit(code)
 
 
@@ -185,7 +190,13 @@ def train(
         drop = {"--nproc-per-node"}
         rest = [a for i, a in enumerate(argv) if a not in drop and not a.startswith("--nproc-per-node=")
                 and (i == 0 or argv[i - 1] not in drop)]
-        raise typer.Exit(launch(nproc_per_node, rest))
+        code, failure = launch(nproc_per_node, rest)
+        if failure is not None:
+            report(failure["error"], failure["exit_code"], json_out)
+            code = failure["exit_code"]
+        elif code:
+            report(f"torchrun exited with code {code} (see its messages above)", code, json_out)
+        raise typer.Exit(code)
 
     def work() -> dict:
         if dry_run:

@@ -158,11 +158,14 @@ def train(recipe: Recipe | str | Path, overrides: Iterable[str] = (), *, out: st
     ctx = D.setup(device)
     lock: list[RunLock] = []
     try:
-        return _train(recipe, ctx, out=out, resume_dir=resume_dir, callbacks=list(callbacks), quiet=quiet, lock=lock)
+        result = _train(recipe, ctx, out=out, resume_dir=resume_dir, callbacks=list(callbacks), quiet=quiet, lock=lock)
     finally:
         for held in lock:
             held.release()
-        D.teardown()
+    # Only on success: on a failure the process group stays up until this rank has reported its
+    # error, so the other ranks' "connection closed" errors come later and the cause is reported.
+    D.teardown()
+    return result
 
 
 def open_run_dir(run_dir: Path, lock: list, resuming: bool, log) -> dict | None:
