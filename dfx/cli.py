@@ -148,7 +148,8 @@ def _show_run(result: dict, dry_run: bool, detail: str = "") -> None:
 
         out.print(yaml.safe_dump(result, sort_keys=False), end="", highlight=False)
         return
-    out.print(f"run directory: {result['run_dir']}  ({detail}{result['epochs']} epochs, {result['elapsed_s']:.0f} s)")
+    out.print(f"run directory: {result['run_dir']}  ({detail}{result['epochs']} epochs, {result['elapsed_s']:.0f} s)",
+              markup=False)
     out.print(_metrics_table("final metrics", result["metrics"]))
     if result["best"]:
         out.print(f"best (epoch {result['best']['epoch']}) saved as checkpoints/best.safetensors")
@@ -232,7 +233,7 @@ def eval_(
         out.print(_metrics_table(f"{result['checkpoint']} (epoch {result['epoch']})", result["metrics"]))
         for key in ("predictions", "annotations", "pr_curve", "picture"):
             if key in result:
-                out.print(f"{key}: {result[key]}", highlight=False)
+                out.print(f"{key}: {result[key]}", markup=False, highlight=False)
 
     run(work, json_out=json_out, debug=debug, show=show)
 

@@ -14,7 +14,7 @@ from dfx.data.classification import image_folder
 from dfx.data.embedded import generate_shapes_cls
 from dfx.data.seeded import SeededDataset
 from dfx.data.shapes import CLS_SHAPES
-from dfx.errors import UsageError
+from dfx.errors import RunError, UsageError
 
 
 def test_shapes_cls_is_deterministic_and_varied(tmp_path):
@@ -121,3 +121,12 @@ def test_concurrent_processes_never_delete_a_dataset_another_reads(tmp_path, mon
     assert outcomes == [("ok", True)] * 3
     assert len(marks.read_text().split()) == 1  # one process regenerated; the others waited and reused it
     assert sorted(p.name for p in root.parent.iterdir() if p.name.startswith(".race-v1")) == [".race-v1.lock"]
+
+
+def test_an_unwritable_dfx_home_is_named(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.write_text("a file where the cache folder should be")  # stands in for a read-only folder (tests run as root)
+    monkeypatch.setenv("DFX_HOME", str(home))
+    with pytest.raises(RunError, match=rf"cannot write dataset tiny-v1 into {home / 'datasets'}: .*; set DFX_HOME to a "
+                                       "writable folder"):
+        ensure_dataset("tiny-v1", lambda folder: {})
