@@ -86,6 +86,13 @@ def handle_sigterm() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def _interrupted(error: KeyboardInterrupt) -> tuple[int, str]:
+    """Exit code (128 + signal number) and message for SIGINT/SIGTERM."""
+    signal_name = "SIGTERM" if isinstance(error, Terminated) else "SIGINT"
+    return 128 + getattr(signal, signal_name), (f"interrupted by {signal_name}; a training run keeps its last "
+                                                "completed epoch (continue it with `dfx train RECIPE --resume`)")
+
+
 def report(message: str, code: int, json_out: bool) -> None:
     """Print an error: one plain-text line on stderr (never read as markup) and, under --json,
     exactly one JSON object on stdout."""
@@ -103,10 +110,7 @@ def run(work: Callable[[], dict], *, json_out: bool, debug: bool, show: Callable
             traceback.print_exc()
         code, message = e.exit_code, _one_line(e)
     except KeyboardInterrupt as e:
-        signal_name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-        code = 128 + getattr(signal, signal_name)
-        message = (f"interrupted by {signal_name}; runs keep their last completed epoch "
-                   "(continue one with `dfx train RECIPE --resume`)")
+        code, message = _interrupted(e)
     except Exception as e:  # a bug or an unexpected library error
         if debug:
             traceback.print_exc()
@@ -457,19 +461,18 @@ def main() -> None:
     json_out = "--json" in sys.argv[1:]
     try:
         code = app(standalone_mode=False)
-    except NoArgsIsHelpError as e:  # bare `dfx` or `dfx train`: the help
-        print(e.ctx.get_help())
-        code = 0 if e.ctx.parent is None else 2
-        if json_out or code:
-            report(f"missing arguments; see `{e.ctx.command_path} --help`", 2, json_out)
-            code = 2
+    except NoArgsIsHelpError as e:  # bare `dfx`: the help, and exit 2 as Typer does
+        print(e.ctx.get_help(), file=sys.stderr if json_out else sys.stdout)
+        if json_out:
+            report(f"no command given; see `{e.ctx.command_path} --help`", 2, json_out)
+        code = 2
     except ParseError as e:  # Typer's own: missing argument, unknown option or command
         hint = f"; see `{e.ctx.command_path} --help`" if e.ctx is not None else ""
         report(f"{e.format_message().rstrip('.')}{hint}", 2, json_out)
         code = 2
-    except typer.Abort:
-        report("interrupted by SIGINT", 130, json_out)
-        code = 130
+    except (KeyboardInterrupt, typer.Abort) as e:  # outside a command's work, e.g. while launching torchrun
+        code, message = _interrupted(e if isinstance(e, KeyboardInterrupt) else KeyboardInterrupt())
+        report(message, code, json_out)
     sys.exit(code if isinstance(code, int) else 0)
 
 

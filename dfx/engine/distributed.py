@@ -8,6 +8,7 @@ on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -119,5 +120,10 @@ def launch(nproc: int, argv: list[str]) -> tuple[int, dict | None]:
     # --standalone: a local rendezvous on a free port, so parallel jobs on one machine do not collide
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "dfx", *argv]
     with tempfile.TemporaryDirectory(prefix="dfx-ranks-") as folder:
-        code = subprocess.call(cmd, env={**os.environ, ERROR_DIR: folder})
+        torchrun = subprocess.Popen(cmd, env={**os.environ, ERROR_DIR: folder})
+        try:
+            code = torchrun.wait()
+        except KeyboardInterrupt:  # SIGINT/SIGTERM here: let torchrun stop its ranks cleanly, then report
+            torchrun.send_signal(signal.SIGTERM)
+            code = torchrun.wait()
         return code, first_failure(folder) if code else None
