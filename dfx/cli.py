@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -16,9 +17,17 @@ from typing import Callable, List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import dfx
-from dfx.errors import DfxError, UsageError
+from dfx.errors import DfxError, UsageError, rank_label, record_failure
+
+try:  # Typer's command-line parse errors (it ships its own copy of click)
+    from typer._click.exceptions import NoArgsIsHelpError
+    from typer._click.exceptions import UsageError as ParseError
+except ImportError:  # older Typer runs on click itself
+    from click.exceptions import NoArgsIsHelpError
+    from click.exceptions import UsageError as ParseError
 
 app = typer.Typer(
     name="dfx",
@@ -63,6 +72,35 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers such as SLURM send before killing a job), raised like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
+def handle_sigterm() -> None:
+    """Stop on SIGTERM as on SIGINT: the current step is discarded, the run directory keeps its
+    last committed epoch, and the error/JSON contract holds (exit 143)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _interrupted(error: KeyboardInterrupt) -> tuple[int, str]:
+    """Exit code (128 + signal number) and message for SIGINT/SIGTERM."""
+    signal_name = "SIGTERM" if isinstance(error, Terminated) else "SIGINT"
+    return 128 + getattr(signal, signal_name), (f"interrupted by {signal_name}; a training run keeps its last "
+                                                "completed epoch (continue it with `dfx train RECIPE --resume`)")
+
+
+def report(message: str, code: int, json_out: bool) -> None:
+    """Print an error: one plain-text line on stderr (never read as markup) and, under --json,
+    exactly one JSON object on stdout."""
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+    if json_out:
+        print(json.dumps({"error": message, "exit_code": code}), flush=True)
+
+
 def run(work: Callable[[], dict], *, json_out: bool, debug: bool, show: Callable[[dict], None]) -> None:
     """Call ``work`` and print its result; turn errors into a line and an exit code."""
     try:
@@ -71,8 +109,8 @@ def run(work: Callable[[], dict], *, json_out: bool, debug: bool, show: Callable
         if debug:
             traceback.print_exc()
         code, message = e.exit_code, _one_line(e)
-    except KeyboardInterrupt:
-        code, message = 130, "interrupted"
+    except KeyboardInterrupt as e:
+        code, message = _interrupted(e)
     except Exception as e:  # a bug or an unexpected library error
         if debug:
             traceback.print_exc()
@@ -88,10 +126,13 @@ def run(work: Callable[[], dict], *, json_out: bool, debug: bool, show: Callable
             else:
                 show(result)
         return
-    if _is_main_process():
-        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-        if json_out:
-            print(json.dumps({"error": message, "exit_code": code}))
+    message = rank_label() + message
+    if record_failure(message, code):  # launched by `--nproc-per-node`: the launcher reports the first failure
+        pass
+    elif _is_main_process():
+        report(message, code, json_out)
+    else:  # torchrun started by hand: every failing rank says why on stderr
+        report(message, code, json_out=False)
     raise typer.Exit(code)
 
 
@@ -111,7 +152,8 @@ def _show_run(result: dict, dry_run: bool, detail: str = "") -> None:
 
         out.print(yaml.safe_dump(result, sort_keys=False), end="", highlight=False)
         return
-    out.print(f"run directory: {result['run_dir']}  ({detail}{result['epochs']} epochs, {result['elapsed_s']:.0f} s)")
+    out.print(f"run directory: {result['run_dir']}  ({detail}{result['epochs']} epochs, {result['elapsed_s']:.0f} s)",
+              markup=False)
     out.print(_metrics_table("final metrics", result["metrics"]))
     if result["best"]:
         out.print(f"best (epoch {result['best']['epoch']}) saved as checkpoints/best.safetensors")
@@ -180,7 +222,13 @@ def train(
         drop = {"--nproc-per-node"}
         rest = [a for i, a in enumerate(argv) if a not in drop and not a.startswith("--nproc-per-node=")
                 and (i == 0 or argv[i - 1] not in drop)]
-        raise typer.Exit(launch(nproc_per_node, rest))
+        code, failure = launch(nproc_per_node, rest)
+        if failure is not None:
+            report(failure["error"], failure["exit_code"], json_out)
+            code = failure["exit_code"]
+        elif code:
+            report(f"torchrun exited with code {code} (see its messages above)", code, json_out)
+        raise typer.Exit(code)
 
     def work() -> dict:
         if dry_run:
@@ -219,7 +267,7 @@ def eval_(
         out.print(_metrics_table(f"{result['checkpoint']}{epoch}", result["metrics"]))
         for key in ("predictions", "annotations", "pr_curve", "picture"):
             if key in result:
-                out.print(f"{key}: {result[key]}", highlight=False)
+                out.print(f"{key}: {result[key]}", markup=False, highlight=False)
 
     run(work, json_out=json_out, debug=debug, show=show)
 
@@ -428,7 +476,7 @@ def fuse(
         for row in result["rows"]:
             table.add_row(*(format_cell(c, row.get(c)) for c in columns))
         out.print(table)
-        out.print(f"mIoU in %, latency at batch 1; table saved in {result['table_dir']}/compare.{{csv,json,md,png}}",
+        out.print(f"mIoU in %, latency at batch 1; table saved in {result['table_dir']}/compare.{{csv,json,md,png}}", markup=False,
                   highlight=False)
 
     run(work, json_out=json_out, debug=debug, show=show)
@@ -486,7 +534,23 @@ def main() -> None:
     # data-loader workers) spinning threads stall every kernel. Must be set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.argv = [sys.argv[0], *_seeds_list(_resume_flag(sys.argv[1:]))]
-    app()
+    handle_sigterm()
+    json_out = "--json" in sys.argv[1:]
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as e:  # bare `dfx`: the help, and exit 2 as Typer does
+        print(e.ctx.get_help(), file=sys.stderr if json_out else sys.stdout)
+        if json_out:
+            report(f"no command given; see `{e.ctx.command_path} --help`", 2, json_out)
+        code = 2
+    except ParseError as e:  # Typer's own: missing argument, unknown option or command
+        hint = f"; see `{e.ctx.command_path} --help`" if e.ctx is not None else ""
+        report(f"{e.format_message().rstrip('.')}{hint}", 2, json_out)
+        code = 2
+    except (KeyboardInterrupt, typer.Abort) as e:  # outside a command's work, e.g. while launching torchrun
+        code, message = _interrupted(e if isinstance(e, KeyboardInterrupt) else KeyboardInterrupt())
+        report(message, code, json_out)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

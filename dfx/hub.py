@@ -73,7 +73,9 @@ def hub_file(spec: str) -> HubFile | None:
         if "@" in repo:
             repo, revision = repo.split("@", 1)
         filename = "/".join(parts[2:]) or DEFAULT_FILENAME
-        return HubFile(f"{parts[0]}/{repo}", filename, revision)
+        ref = HubFile(f"{parts[0]}/{repo}", filename, revision)
+        _check_hub_spec(spec, ref)
+        return ref
     if spec in ALIASES:  # every alias is a timm model whose weights live at timm/<name>
         return HubFile(f"timm/{ALIASES[spec]}")
     name = timm_name(spec)
@@ -85,6 +87,35 @@ def hub_file(spec: str) -> HubFile | None:
     if not cfg.hf_hub_id:
         raise UsageError(f"weights {spec!r}: timm has no Hugging Face Hub weights for {name}; pass a local file")
     return HubFile(cfg.hf_hub_id, cfg.hf_hub_filename or DEFAULT_FILENAME)
+
+
+def _check_hub_spec(spec: str, ref: HubFile) -> None:
+    """A malformed ``hf://`` spec is bad usage (exit 2), found before any cache or network access."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(ref.repo_id)
+    except HFValidationError as e:
+        reason = str(e).strip().splitlines()[0]
+        raise UsageError(f"weights {spec!r}: {ref.repo_id!r} is not a valid Hub repo id ({reason}); "
+                         "expected hf://org/repo[@revision][/file]") from None
+    if ref.revision == "" or any(not part for part in ref.filename.split("/")):
+        raise UsageError(f"weights {spec!r}: empty revision or file name; expected hf://org/repo[@revision][/file]")
+
+
+def refusal_reason(error: BaseException) -> str | None:
+    """Why a ``weights_only`` load refused a file, in dfx's words (None: not a refusal).
+
+    torch's own text suggests ``weights_only=False``, which dfx never uses: a file that needs
+    full pickle can run arbitrary code when loaded.
+    """
+    text = str(error)
+    if "Weights only load failed" not in text and "Unsupported global" not in text:
+        return None
+    name = next((line.split("GLOBAL", 1)[1].split()[0] for line in text.splitlines() if "GLOBAL" in line), None)
+    what = f" ({name})" if name else ""
+    return (f"it holds Python objects{what} that dfx refuses to unpickle (only tensors and plain values are "
+            "loaded); save the weights as safetensors or a plain state dict")
 
 
 def cache_dir() -> Path:
@@ -178,8 +209,11 @@ def load_state_dict(path: str | os.PathLike) -> dict:
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"cannot read weights {path}: {reason} (corrupt, truncated, or not a weights file)") from None
+        reason = refusal_reason(e)
+        if reason is None:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = f"{first} (corrupt, truncated, or not a weights file)"
+        raise RunError(f"cannot read weights {path}: {reason}") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -206,4 +240,10 @@ def create_timm_model(name: str, pretrained: str | None = None, **kwargs):
     spec = name if pretrained in (True, "timm") else str(pretrained)
     path = resolve(spec)
     overlay = {"file": str(path), "custom_load": False}
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except Exception as e:  # timm's text for a refused pickle says "retry with weights_only=False"
+        reason = refusal_reason(e)
+        if reason is None:
+            raise
+        raise RunError(f"cannot read weights {path}: {reason}") from None

@@ -6,7 +6,9 @@ A recipe has five top-level sections: ``task``, ``model``, ``data``, ``train``, 
   deep-merged in order, then the file's own keys on top (mappings merge, everything else replaces).
 - Command-line overrides ``a.b.c=value`` are applied last; ``value`` is parsed as YAML.
 - The merged mapping is validated against the task's typed sections (dataclasses): unknown keys
-  fail with a did-you-mean, wrong types name the key and the expected type.
+  fail with a did-you-mean, wrong types name the key and the expected type, every float must be
+  finite, and values outside a section's ``RANGES`` name the key, the value and the valid range —
+  all before any data is read or any model built (``--dry-run`` included).
 
 Nothing in a recipe is executed: YAML is read with ``yaml.safe_load`` and only plain values are
 accepted.
@@ -19,11 +21,12 @@ import dataclasses
 import difflib
 import importlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -39,6 +42,39 @@ TASK_MODULES = {
 }
 
 
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class Range:
+    """Valid values of a number: ``low``..``high``, each end closed unless marked open."""
+
+    low: float = -INF
+    high: float = INF
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high == INF:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+UNIT = Range(0, 1)
+
+
 @dataclass
 class TrainConfig:
     """The ``train`` section shared by every task.
@@ -46,6 +82,14 @@ class TrainConfig:
     ``batch_size`` is the *global* batch over all processes, so a recipe means the same
     optimisation whatever the number of GPUs; each process takes ``batch_size / world_size``.
     """
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "epochs": Range(1, 100_000), "batch_size": Range(1, 2**20), "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+        "momentum": UNIT, "warmup_epochs": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "warmup_lr": NON_NEGATIVE,
+        "min_lr": NON_NEGATIVE, "decay_epochs": POSITIVE, "milestones": Range(1, 100_000), "decay_rate": POSITIVE,
+        "grad_clip": POSITIVE, "ema_decay": UNIT, "seed": Range(0, 2**32, high_open=True),
+        "num_workers": Range(0, 256), "log_every": Range(1),
+    }
 
     epochs: int = 10
     batch_size: int = 64
@@ -87,6 +131,8 @@ class WeightsConfig:
 @dataclass
 class EvalConfig:
     """The ``eval`` section: when to evaluate and which metric picks the ``best`` checkpoint."""
+
+    RANGES: ClassVar[dict[str, Range]] = {"every": Range(1, 100_000), "batch_size": Range(1, 2**20)}
 
     every: int = 1
     batch_size: int = 128
@@ -316,6 +362,9 @@ def build_section(cls, data: dict, prefix: str):
             suggestion = _suggest(value, options) if isinstance(value, str) else ""
             raise UsageError(f"{path}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})"
                              f"{suggestion}") from None
+    ranges = getattr(cls, "RANGES", {})
+    for key, value in kwargs.items():
+        check_value(f"{prefix}.{key}", value, ranges.get(key))
     try:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing
@@ -324,6 +373,21 @@ def build_section(cls, data: dict, prefix: str):
     if check is not None:
         check(prefix)
     return obj
+
+
+def check_value(path: str, value: Any, valid: Range | None) -> None:
+    """Numbers (also inside lists) must be finite and, with ``valid``, inside that range."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            check_value(f"{path}[{i}]", item, valid)
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{path}: expected a finite number, got {value}")
+    if valid is not None and value not in valid:
+        raise UsageError(f"{path}: {value!r} is out of range; expected a value {'in ' if valid.high != INF else ''}"
+                         f"{valid}")
 
 
 def build_recipe(tree: dict, name: str = "recipe", source: str | None = None) -> Recipe:

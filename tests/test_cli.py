@@ -115,3 +115,42 @@ def test_flop_count_includes_fused_cpu_attention():
     assert fused == count_flops(model, torch.randn(1, 3, 64, 64))
     # attention: 2 matmuls of 17x17x192 per block, 2 FLOPs per multiply-add
     assert fused - 2 * 17 * 2 * (192 * 576 + 192 * 192 + 2 * 192 * 768) >= 2 * 2 * 2 * 17 * 17 * 192
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train"], "Missing argument 'recipe'"),
+    (["trian", "x.yaml"], "No such command 'trian'"),
+    (["train", "x.yaml", "--bogus"], "No such option: --bogus"),
+])
+def test_typer_usage_errors_keep_the_json_contract(args, message):
+    result = dfx(*args, "--json")
+    assert result.returncode == 2, result.stderr
+    payload = json.loads(result.stdout)  # exactly one JSON object
+    assert payload["exit_code"] == 2 and message in payload["error"]
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_error_text_is_never_read_as_markup(tmp_path):
+    for name in (tmp_path / "a[/x]" / "missing.yaml", tmp_path / "[red]missing[/red].yaml"):
+        result = dfx("train", name, "--json")
+        assert result.returncode == 2, result.stderr
+        assert json.loads(result.stdout) == {"error": f"recipe file not found: {name}", "exit_code": 2}
+        assert f"recipe file not found: {name}" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_with_one_json_object(tiny_recipe, tmp_path):
+    import signal
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dfx", "train", str(tiny_recipe), "train.epochs=500", "--out",
+                             str(run), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until training steps are running
+        if "step" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    payload = json.loads(stdout)
+    assert payload["exit_code"] == 143 and "SIGTERM" in payload["error"] and "--resume" in payload["error"]
+    assert (run / "recipe.yaml").is_file() and not [p for p in run.rglob("*") if ".tmp-" in p.name]

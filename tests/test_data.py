@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from dfx.data.classification import image_folder
 from dfx.data.embedded import generate_shapes_cls
 from dfx.data.seeded import SeededDataset
 from dfx.data.shapes import CLS_SHAPES
-from dfx.errors import UsageError
+from dfx.errors import RunError, UsageError
 
 
 def test_shapes_cls_is_deterministic_and_varied(tmp_path):
@@ -81,3 +82,51 @@ def test_seeded_dataset_depends_only_on_seed_epoch_index():
     assert torch.equal(state, torch.get_rng_state())  # and the global RNG is left untouched
     ds.set_epoch(1)
     assert not torch.equal(first[0], ds[0])
+
+
+def _ensure_in_child(name: str, marks: str, start, results) -> None:
+    """One of several processes asking for the same corrupt cached dataset at once."""
+    def generate(folder):
+        with open(marks, "a") as f:  # one line per regeneration
+            f.write(f"{os.getpid()}\n")
+        generate_shapes_cls(folder, train_per_class=1, val_per_class=1)
+        return {}
+
+    start.wait()
+    try:
+        root = ensure_dataset(name, generate, log=lambda msg: None)
+        results.put(("ok", verify(root)))
+    except BaseException as e:  # reported to the parent, which fails the test
+        results.put(("error", f"{type(e).__name__}: {e}"))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_concurrent_processes_never_delete_a_dataset_another_reads(tmp_path, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setenv("DFX_HOME", str(tmp_path / "home"))
+    root = ensure_dataset("race-v1", lambda folder: generate_shapes_cls(folder, train_per_class=1, val_per_class=1)
+                          or {})
+    next((root / "val").rglob("*.png")).write_bytes(b"corrupted")
+    marks = tmp_path / "regenerations.txt"
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Event(), ctx.Queue()
+    workers = [ctx.Process(target=_ensure_in_child, args=("race-v1", str(marks), start, results)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    start.set()
+    outcomes = [results.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert outcomes == [("ok", True)] * 3
+    assert len(marks.read_text().split()) == 1  # one process regenerated; the others waited and reused it
+    assert sorted(p.name for p in root.parent.iterdir() if p.name.startswith(".race-v1")) == [".race-v1.lock"]
+
+
+def test_an_unwritable_dfx_home_is_named(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.write_text("a file where the cache folder should be")  # stands in for a read-only folder (tests run as root)
+    monkeypatch.setenv("DFX_HOME", str(home))
+    with pytest.raises(RunError, match=rf"cannot write dataset tiny-v1 into {home / 'datasets'}: .*; set DFX_HOME to a "
+                                       "writable folder"):
+        ensure_dataset("tiny-v1", lambda folder: {})

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -39,3 +42,18 @@ def test_two_gloo_processes_match_a_single_process(tiny_recipe, tmp_path):
     single_metrics = json.loads(single.stdout)["metrics"]
     assert result["metrics"]["top1"] == single_metrics["top1"]
     assert abs(result["metrics"]["loss"] - single_metrics["loss"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_the_first_failing_rank_is_reported_with_its_exit_code(tiny_recipe, tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    bad = data / "train" / "circle" / "00000.png"
+    bad.write_bytes(b"not a png")
+    result = subprocess.run([sys.executable, "-m", "dfx", "train", str(tiny_recipe), f"data.root={data}",
+                             "--nproc-per-node", "2", "--device", "cpu", "--json"], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 2, result.stderr  # a bad-data usage error, whichever rank met it
+    payload = json.loads(result.stdout)  # exactly one JSON object, from the launcher
+    assert payload["exit_code"] == 2
+    assert re.fullmatch(r"rank [01]: cannot read image .*circle/00000\.png: .*", payload["error"]), payload

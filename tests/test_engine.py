@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,85 @@ def test_ema_and_sgd_step_schedule_run(tiny_recipe):
     # step schedule: lr after 2 epochs is lr * decay_rate^2 (no warmup)
     rows = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["lr"] == pytest.approx(1e-4) and rows[1]["lr"] == pytest.approx(1e-5)
+
+
+def test_bare_resume_takes_the_newest_run_even_without_a_checkpoint(tiny_recipe):
+    first = Path(train(tiny_recipe, ["train.epochs=1"], quiet=True)["run_dir"])
+    before = (first / "checkpoints" / "last.safetensors").read_bytes()
+    crashed = first.parent / "tiny-2"  # a run killed in its first epoch: recipe only
+    crashed.mkdir()
+    (crashed / "recipe.yaml").write_text((first / "recipe.yaml").read_text())
+    result = train(tiny_recipe, ["train.epochs=1"], resume="latest", quiet=True)
+    assert result["run_dir"] == str(crashed)
+    assert load_state(crashed / "checkpoints" / "last.state.pt")["epoch"] == 1
+    assert (first / "checkpoints" / "last.safetensors").read_bytes() == before  # the older run is untouched
+
+
+def test_a_run_directory_in_use_is_refused_and_a_dead_holders_lock_taken_over(tiny_recipe, tmp_path):
+    from dfx.engine.rundir import RunLock
+
+    run = Path(train(tiny_recipe, ["train.epochs=1"], out=tmp_path / "run", quiet=True)["run_dir"])
+    held = RunLock(run).acquire()
+    try:
+        with pytest.raises(RunError, match=rf"{run} is in use by process {os.getpid()}"):
+            train(tiny_recipe, ["train.epochs=2"], resume=run, quiet=True)
+    finally:
+        held.release()
+    (run / ".lock").write_text("999999999")  # left by a process that no longer exists: no OS lock held
+    assert load_state(Path(train(tiny_recipe, ["train.epochs=2"], resume=run, quiet=True)["run_dir"])
+                      / "checkpoints" / "last.state.pt")["epoch"] == 2
+
+
+def flip_a_bit(path: Path, at_fraction: float = 0.9) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at_fraction)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_bit_flips_in_checkpoints_are_errors_naming_the_file(tiny_recipe, tmp_path):
+    run = Path(train(tiny_recipe, ["train.epochs=1"], out=tmp_path / "run", quiet=True)["run_dir"])
+    flip_a_bit(run / "checkpoints" / "best.safetensors")  # tensor data sits at the end of the file
+    with pytest.raises(RunError, match=r"checkpoint .*best\.safetensors is corrupt: its tensor data does not match"):
+        evaluate_checkpoint(run, device="cpu")
+    flip_a_bit(run / "checkpoints" / "last.state.pt", 0.5)
+    with pytest.raises(RunError, match=r"cannot read training state .*last\.state\.pt: (its bytes do not match|.*corrupt)"):
+        train(tiny_recipe, resume=run, quiet=True)
+
+
+def test_weights_from_another_epoch_are_refused_not_mixed(tiny_recipe, tmp_path):
+    run = Path(train(tiny_recipe, ["train.epochs=1"], out=tmp_path / "run", quiet=True)["run_dir"])
+    other = Path(train(tiny_recipe, ["train.epochs=2"], out=tmp_path / "other", quiet=True)["run_dir"])
+    shutil.copy(other / "checkpoints" / "last.safetensors", run / "checkpoints" / "last.safetensors")
+    with pytest.raises(RunError, match=r"last\.safetensors does not belong with .*last\.state\.pt \(epoch 1\)"):
+        train(tiny_recipe, ["train.epochs=2"], resume=run, quiet=True)
+
+
+def test_unwritable_checkpoints_fail_before_training(tiny_recipe, tmp_path, monkeypatch):
+    import dfx.engine.trainer as trainer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(tiny_recipe.read_text())
+    (run / "checkpoints").write_text("not a folder")  # stands in for a read-only checkpoints/ (tests run as root)
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: pytest.fail("trained before checking the folder"))
+    with pytest.raises(RunError, match=rf"cannot write {run / 'checkpoints'}: "):
+        train(tiny_recipe, resume=run, quiet=True)
+
+
+def test_a_full_disk_is_named_and_the_previous_checkpoint_kept(tiny_recipe, tmp_path, monkeypatch):
+    import errno
+
+    import dfx.engine.checkpoint as ckpt
+
+    run = Path(train(tiny_recipe, ["train.epochs=1"], out=tmp_path / "run", quiet=True)["run_dir"])
+    kept = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(RunError, match=r"cannot write .*last\.next\.safetensors: no space left on the device"):
+        train(tiny_recipe, ["train.epochs=2"], resume=run, quiet=True)
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == kept
+    assert oct((run / "checkpoints" / "last.safetensors").stat().st_mode & 0o777) == oct(
+        (run / "metrics.jsonl").stat().st_mode & 0o777)  # checkpoints share the run's file mode

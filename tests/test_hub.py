@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -92,8 +93,14 @@ def test_local_files_and_safe_loading(tmp_path):
 
     evil = tmp_path / "evil.pth"
     torch.save({"x": Payload()}, evil)
-    with pytest.raises(RunError, match="cannot read weights"):
+    with pytest.raises(RunError, match=r"cannot read weights .*evil\.pth: it holds Python objects \((builtins\.)?print\) "
+                                        r"that dfx refuses to unpickle") as refused:
         hub.load_state_dict(evil)  # weights_only refuses arbitrary objects
+    assert "weights_only=False" not in str(refused.value) and "corrupt" not in str(refused.value)
+    with pytest.raises(RunError, match=r"training state .*evil\.pth: it holds Python objects"):
+        from dfx.engine.checkpoint import load_state
+
+        load_state(evil)
 
 
 def test_bad_specs_are_usage_errors():
@@ -103,3 +110,9 @@ def test_bad_specs_are_usage_errors():
         hub.resolve("no-such-model-name")
     with pytest.raises(UsageError, match="hf://org/repo"):
         hub.resolve("hf://onlyorg")
+    for spec, message in [("hf://a b/c", "'a b/c' is not a valid Hub repo id"),
+                          ("hf://org/re..po", "'org/re..po' is not a valid Hub repo id"),
+                          ("hf://org/repo@/model.safetensors", "empty revision or file name"),
+                          ("hf://org/repo//model.safetensors", "empty revision or file name")]:
+        with pytest.raises(UsageError, match=f"weights {re.escape(repr(spec))}: {re.escape(message)}"):
+            hub.resolve(spec)

@@ -63,9 +63,23 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ("train.milestones=[1, x]", r"train\.milestones: expected a list of int"),
         ("model.kwargs=5", r"model\.kwargs: expected a mapping, got 5"),
         ("data.scale=[0.9, 0.5]", r"data\.scale: expected \[min, max\]"),
+        # values out of range, caught before any work
+        ("train.epochs=0", r"train\.epochs: 0 is out of range; expected a value in \[1, 100000\]"),
+        ("train.epochs=1000000", r"train\.epochs: 1000000 is out of range"),
+        ("eval.every=0", r"eval\.every: 0 is out of range; expected a value in \[1, 100000\]"),
+        ("train.batch_size=0", r"train\.batch_size: 0 is out of range; expected a value in \[1, 1048576\]"),
+        ("train.num_workers=-1", r"train\.num_workers: -1 is out of range; expected a value in \[0, 256\]"),
+        ("train.lr=.nan", r"train\.lr: expected a finite number, got nan"),
+        ("train.lr=0", r"train\.lr: 0\.0 is out of range; expected a value > 0"),
+        ("train.weight_decay=-.inf", r"train\.weight_decay: expected a finite number, got -inf"),
+        ("train.seed=4294967296", r"train\.seed: 4294967296 is out of range; expected a value in \[0, 4294967296\)"),
+        ("train.seed=-1", r"train\.seed: -1 is out of range"),
+        ("train.ema_decay=1.5", r"train\.ema_decay: 1\.5 is out of range; expected a value in \[0, 1\]"),
+        ("train.milestones=[3, 0]", r"train\.milestones\[1\]: 0 is out of range"),
+        ("train.grad_clip=-1", r"train\.grad_clip: -1\.0 is out of range; expected a value > 0"),
     ],
 )
-def test_wrong_types_name_the_key_and_expected_type(tmp_path, override, message):
+def test_wrong_types_and_ranges_name_the_key_value_and_expectation(tmp_path, override, message):
     path = write(tmp_path / "r.yaml", "task: classification\n")
     with pytest.raises(UsageError, match=message):
         load_recipe(path, [override])
@@ -112,3 +126,10 @@ def test_shipped_recipes_resolve():
     for path in recipes:
         recipe = load_recipe(path)
         assert recipe.train.epochs > 0
+
+
+def test_range_edges_are_accepted(tmp_path):
+    path = write(tmp_path / "r.yaml", "task: classification\n")
+    recipe = load_recipe(path, ["train.seed=4294967295", "train.epochs=1", "eval.every=1", "train.num_workers=0",
+                                "train.momentum=0", "train.ema_decay=1", "train.grad_clip=null"])
+    assert recipe.train.seed == 2**32 - 1 and recipe.train.grad_clip is None

@@ -3,6 +3,8 @@
 Location: ``$DFX_HOME`` (default ``~/.cache/dfx``). A dataset is generated into a temporary
 folder beside its final place and renamed into place when complete, so concurrent processes
 (e.g. the ranks of a torchrun job) never see a half-written dataset and never corrupt each other.
+Checking and regenerating happen under a per-dataset lock (``datasets/.<name>.lock``): a process
+never deletes a copy that another is still verifying, and only one of them regenerates it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from dfx.errors import RunError
+from dfx.files import FileLock
 
 MANIFEST = "dfx-manifest.json"
 
@@ -39,9 +42,9 @@ def verify(root: Path) -> bool:
     """True when ``root`` holds a complete dataset whose files match its manifest."""
     try:
         manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
+        return tree_checksum(root) == (manifest.get("sha256"), manifest.get("files"))
+    except (OSError, ValueError):  # unreadable, or files vanishing under us
         return False
-    return tree_checksum(root) == (manifest.get("sha256"), manifest.get("files"))
 
 
 def ensure_dataset(name: str, generate: Callable[[Path], dict], log=None) -> Path:
@@ -52,12 +55,37 @@ def ensure_dataset(name: str, generate: Callable[[Path], dict], log=None) -> Pat
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     root = dfx_home() / "datasets" / name
-    if root.is_dir():
-        if verify(root):
-            return root
-        log(f"dfx: cached dataset {root} is incomplete or fails its checksum; regenerating it")
-        shutil.rmtree(root, ignore_errors=True)
-    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(name, root, e) from None
+    lock = FileLock(root.parent / f".{name}.lock")
+    try:
+        lock.acquire()
+    except RunError:  # a read-only cache: usable as it is, nobody can change it
+        pass
+    try:
+        if root.is_dir():
+            if verify(root):
+                return root
+            log(f"dfx: cached dataset {root} is incomplete or fails its checksum; regenerating it")
+            stale = root.parent / f".{name}.stale-{os.getpid()}"
+            try:
+                os.rename(root, stale)  # out of the way at once; deleted below
+            except OSError as e:
+                raise _unwritable(name, root, e) from None
+            shutil.rmtree(stale, ignore_errors=True)
+        return _generate(name, root, generate, log)
+    finally:
+        lock.release()
+
+
+def _unwritable(name: str, root: Path, error: OSError) -> RunError:
+    return RunError(f"cannot write dataset {name} into {root.parent}: {error.strerror or error}; "
+                    "set DFX_HOME to a writable folder")
+
+
+def _generate(name: str, root: Path, generate: Callable[[Path], dict], log) -> Path:
     tmp = root.parent / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     log(f"dfx: generating embedded dataset {name} into {root} (once)")
@@ -71,7 +99,7 @@ def ensure_dataset(name: str, generate: Callable[[Path], dict], log=None) -> Pat
             if not verify(root):  # somebody else's copy won the rename; it must be a good one
                 raise
     except OSError as e:
-        raise RunError(f"cannot write dataset {name} into {root.parent}: {e}; set DFX_HOME to a writable folder") from None
+        raise _unwritable(name, root, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root

@@ -8,14 +8,16 @@ on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from dfx.errors import UsageError
+from dfx.errors import ERROR_DIR, UsageError, first_failure
 
 
 @dataclass
@@ -109,8 +111,19 @@ def all_reduce_mean(values: dict[str, float], ctx: Context) -> dict[str, float]:
     return {k: float(v) / ctx.world_size for k, v in zip(keys, t.tolist())}
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Re-run ``dfx <argv>`` under torchrun with ``nproc`` processes on this node; its exit code."""
+def launch(nproc: int, argv: list[str]) -> tuple[int, dict | None]:
+    """Re-run ``dfx <argv>`` under torchrun with ``nproc`` processes on this node.
+
+    Returns torchrun's exit code and, when a rank failed, the first failure
+    (``{"rank", "error", "exit_code"}``): what the user should see.
+    """
     # --standalone: a local rendezvous on a free port, so parallel jobs on one machine do not collide
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "dfx", *argv]
-    return subprocess.call(cmd)
+    with tempfile.TemporaryDirectory(prefix="dfx-ranks-") as folder:
+        torchrun = subprocess.Popen(cmd, env={**os.environ, ERROR_DIR: folder})
+        try:
+            code = torchrun.wait()
+        except KeyboardInterrupt:  # SIGINT/SIGTERM here: let torchrun stop its ranks cleanly, then report
+            torchrun.send_signal(signal.SIGTERM)
+            code = torchrun.wait()
+        return code, first_failure(folder) if code else None

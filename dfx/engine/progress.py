@@ -60,4 +60,4 @@ class EpochProgress:
 
     def log(self, message: str) -> None:
         if self.enabled:
-            self.console.print(message, highlight=False, soft_wrap=True)
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)

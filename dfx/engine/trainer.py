@@ -28,8 +28,9 @@ from dfx.engine import checkpoint as ckpt
 from dfx.engine import distributed as D
 from dfx.engine.progress import EpochProgress
 from dfx.engine.records import plot, read_rows, write_rows
-from dfx.engine.rundir import check_resumable, latest_run, new_run_dir
+from dfx.engine.rundir import RunLock, check_resumable, latest_run, new_run_dir
 from dfx.errors import RunError, UsageError
+from dfx.files import check_writable, remove_stale_temporaries, write_text_atomic
 from dfx.recipe import Recipe, load_recipe, task_module
 
 
@@ -155,13 +156,37 @@ def train(recipe: Recipe | str | Path, overrides: Iterable[str] = (), *, out: st
     """
     recipe, resume_dir = resolve_run(recipe, overrides, resume)
     ctx = D.setup(device)
+    lock: list[RunLock] = []
     try:
-        return _train(recipe, ctx, out=out, resume_dir=resume_dir, callbacks=list(callbacks), quiet=quiet)
+        result = _train(recipe, ctx, out=out, resume_dir=resume_dir, callbacks=list(callbacks), quiet=quiet, lock=lock)
     finally:
-        D.teardown()
+        for held in lock:
+            held.release()
+    # Only on success: on a failure the process group stays up until this rank has reported its
+    # error, so the other ranks' "connection closed" errors come later and the cause is reported.
+    D.teardown()
+    return result
 
 
-def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet) -> dict:
+def open_run_dir(run_dir: Path, lock: list, resuming: bool, log) -> dict | None:
+    """Rank 0's start in a run directory: lock it, check it is writable, clean what a killed run
+    left half-done, and return the last committed training state (None: start from scratch)."""
+    lock.append(RunLock(run_dir).acquire())
+    checkpoints = run_dir / "checkpoints"
+    for folder in (run_dir, checkpoints):
+        check_writable(folder)
+        remove_stale_temporaries(folder)
+    if not resuming:
+        return None
+    state = ckpt.recover(checkpoints)
+    if state is None:
+        log(f"dfx: {run_dir} has no checkpoint yet; training it from the start")
+        for name in ("metrics.jsonl", "results.csv", "results.png"):  # nothing was committed
+            (run_dir / name).unlink(missing_ok=True)
+    return state
+
+
+def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet, lock) -> dict:
     t, started = recipe.train, time.perf_counter()
     progress = EpochProgress(enabled=ctx.is_main and not quiet, log_every=t.log_every)
     if t.batch_size % ctx.world_size:
@@ -195,10 +220,17 @@ def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet)
         ema = ModelEmaV3(model, decay=t.ema_decay)
 
     # run directory: created (or found) by rank 0, shared with the others
-    start_epoch, global_step, best, rows = 1, 0, None, []
-    if resume_dir is not None:
+    start_epoch, global_step, best, rows, files = 1, 0, None, [], {}
+    if resume_dir is None:
+        run_dir = Path(D.broadcast_object(str(new_run_dir(recipe.task, recipe.name, out)) if ctx.is_main else None, ctx))
+    else:
         run_dir = resume_dir
-        state = ckpt.load_state(run_dir / "checkpoints" / "last.state.pt")
+    state = open_run_dir(run_dir, lock, resume_dir is not None, progress.log) if ctx.is_main else None
+    if ctx.distributed and resume_dir is not None:  # the other ranks read what rank 0 recovered
+        committed = D.broadcast_object(state is not None, ctx)
+        if not ctx.is_main and committed:
+            state = ckpt.load_state(run_dir / "checkpoints" / "last.state.pt")
+    if state is not None:
         try:
             model.load_state_dict(ckpt.load_weights(run_dir / "checkpoints" / "last.safetensors"))
         except RuntimeError as e:
@@ -211,12 +243,15 @@ def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet)
             ema.module.load_state_dict(state["ema"])
         start_epoch, global_step, best = state["epoch"] + 1, state["global_step"], state.get("best")
         ckpt.set_rng_state(state["rng"])
-        rows = [r for r in read_rows(run_dir) if r["epoch"] <= state["epoch"]]
-        progress.log(f"dfx: resuming {run_dir} from epoch {state['epoch']}")
-    else:
-        run_dir = Path(D.broadcast_object(str(new_run_dir(recipe.task, recipe.name, out)) if ctx.is_main else None, ctx))
+        files = state.get("files", {})
+        # the records committed with the state; older runs kept them only in metrics.jsonl
+        rows = state.get("rows") or [r for r in read_rows(run_dir) if r["epoch"] <= state["epoch"]]
+        if ctx.is_main:  # the records of exactly the committed epochs (a kill may have cut them short)
+            write_rows(run_dir, rows)
+            plot(run_dir, rows)
+        progress.log(f"dfx: resuming {run_dir} from epoch {state['epoch']} (checkpoint verified)")
     if ctx.is_main:
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
         if hasattr(task, "output_dir"):  # tasks that write evaluation files (predictions, plots)
             task.output_dir = run_dir
         progress.log(f"dfx: run directory {run_dir}")
@@ -273,17 +308,17 @@ def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet)
                                                                 if k != "epoch"))
         rows.append(row)
         if ctx.is_main:
-            folder = run_dir / "checkpoints"
             meta = checkpoint_metadata(recipe, task, epoch, last_metrics)
-            ckpt.save_weights(folder / "last.safetensors", model.state_dict(), meta)
+            weights = {"last": (model.state_dict(), meta)}
             if improved:
-                ckpt.save_weights(folder / "best.safetensors", eval_model.state_dict(), meta)
+                weights["best"] = (eval_model.state_dict(), meta)
             state = {"epoch": epoch, "global_step": global_step, "best": best, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": ckpt.rng_state()}
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": ckpt.rng_state(),
+                     "rows": rows, "files": files}
             if ema is not None:
                 state["ema"] = ema.module.state_dict()
-            ckpt.save_state(folder / "last.state.pt", state)
-            write_rows(run_dir, rows)
+            files = ckpt.commit_epoch(run_dir / "checkpoints", weights, state)
+            write_rows(run_dir, rows)  # after the commit: a resume rewrites them from the state
             plot(run_dir, rows)
         for callback in callbacks:
             callback(epoch=epoch, row=row, run_dir=run_dir)
