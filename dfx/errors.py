@@ -48,11 +48,12 @@ def record_failure(message: str, exit_code: int) -> bool:
     folder = os.environ.get(ERROR_DIR)
     if not folder:
         return False
-    from dfx.files import write_text_atomic
-
     rank = int(os.environ.get("RANK", "0"))
     record = {"rank": rank, "error": message, "exit_code": exit_code, "time": time.time()}
-    write_text_atomic(Path(folder) / f"rank-{rank}.json", json.dumps(record))
+    path = Path(folder) / f"rank-{rank}.json"
+    tmp = path.with_name(f".{path.name}.tmp")  # errors.py is a leaf: no dfx.files here, same rename
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
     return True
 
 

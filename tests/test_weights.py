@@ -132,7 +132,7 @@ def test_eval_of_a_recipe_with_weights_equals_eval_of_the_run(run_dir, tmp_path,
 
 def test_training_starts_from_model_weights(run_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = train(_recipe(run_dir), [f"model.weights={run_dir}", "train.epochs=1", "train.lr=0"], quiet=True)
+    result = train(_recipe(run_dir), [f"model.weights={run_dir}", "train.epochs=1", "train.lr=1e-12"], quiet=True)
     trained = dfx.create_model(result["run_dir"])
     assert torch.allclose(_logits(trained), _logits(dfx.create_model(run_dir)), atol=1e-6)
     assert json.loads((Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1
