@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2
     log_every: int = 20
+    tensorboard: bool = False  # also log to <run>/tensorboard (needs the tensorboard extra)
 
 
 @dataclass

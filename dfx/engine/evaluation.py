@@ -55,8 +55,12 @@ def load_model(path: str | Path, overrides: Iterable[str] = (), device: str | to
     return recipe, task, model.to(device).eval(), meta
 
 
-def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), device: str = "auto") -> dict:
-    """``{"metrics": {...}, "checkpoint": PATH, "epoch": N}`` on the recipe's validation data."""
+def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), device: str = "auto",
+                        progress: bool = False) -> dict:
+    """``{"metrics": {...}, "checkpoint": PATH, "epoch": N}`` on the recipe's validation data.
+
+    ``progress``: a progress bar (or plain lines) over the validation batches on stderr.
+    """
     from dfx.engine.trainer import evaluate, make_loader
 
     ctx = D.Context(device=D.resolve_device(device))
@@ -67,5 +71,5 @@ def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), device:
     file = find_checkpoint(path)
     if hasattr(task, "output_dir"):  # predictions and plots go beside the run: RUN/eval/
         task.output_dir = (Path(path) if Path(path).is_dir() else file.parent) / "eval"
-    metrics = evaluate(task, model, loader, ctx)
+    metrics = evaluate(task, model, loader, ctx, progress=progress)
     return {"metrics": metrics, "checkpoint": str(file), "epoch": meta.get("epoch"), **getattr(task, "outputs", {})}
