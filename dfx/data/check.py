@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from dfx.data.coco import CocoDetection, first
+from dfx.data.coco import MISSING_IMAGE, UNREADABLE_IMAGE, CocoDetection, first
 from dfx.data.formats import SPLITS, DetectionData, find_detection_data
 from dfx.data.images import image_problem, image_size
 from dfx.engine.progress import track
@@ -68,7 +68,7 @@ def check_data(target: str | Path | None, overrides=(), decode: bool = True, pro
         if error:
             problems.append(_problem(split, "annotations", 1, error, fatal=True))
         classes = classes or dataset.classes
-        stats, split_problems = _split_report(split, dataset, source.skipped, decode, progress)
+        stats, split_problems = _split_report(split, dataset, source.skipped, decode, progress, skip)
         report["splits"][split] = stats
         problems += split_problems
     report["classes"] = classes or []
@@ -98,7 +98,7 @@ def _problem(split: str, kind: str, count: int, detail: str, fatal: bool) -> dic
     return {"split": split, "kind": kind, "count": count, "detail": detail, "fatal": fatal}
 
 
-def _split_report(split: str, dataset: CocoDetection, converted: dict, decode: bool, progress: bool):
+def _split_report(split: str, dataset: CocoDetection, converted: dict, decode: bool, progress: bool, skip: bool):
     coco = dataset.coco
     problems = []
     per_class = Counter()
@@ -114,9 +114,13 @@ def _split_report(split: str, dataset: CocoDetection, converted: dict, decode: b
         if x < -0.5 or y < -0.5 or x + w > image.get("width", x + w) + 0.5 or y + h > image.get("height", y + h) + 0.5:
             overhang.append(ann["id"])
     sizes = Counter((im.get("width"), im.get("height")) for im in coco.imgs.values())
+    outcome = "dropped under data.skip_invalid" if skip else "training fails on them (data.skip_invalid: true drops them)"
     for reason, count in {**converted, **dataset.skipped}.items():
-        problems.append(_problem(split, reason, count, f"{count} dropped ({reason}) under data.skip_invalid",
-                                 fatal=False))
+        if reason == UNREADABLE_IMAGE:
+            continue  # named below, with the images that only a decode finds
+        names = [f for f, why in dataset.dropped_files.items() if why == "missing"] if reason == MISSING_IMAGE else []
+        listed = f": {first(names)}" if names else ""
+        problems.append(_problem(split, reason, count, f"{count} x {reason}{listed}; {outcome}", fatal=not skip))
     if overhang:
         problems.append(_problem(split, "box outside image", len(overhang),
                                  f"{len(overhang)} boxes reach outside their image (annotation ids {first(overhang)}); "
@@ -127,25 +131,27 @@ def _split_report(split: str, dataset: CocoDetection, converted: dict, decode: b
         detail = (f"no boxes of {first(empty, 20)} in train: the model cannot learn them" if split == "train" else
                   f"no boxes of {first(empty, 20)} in {split}: they get no per-class AP")
         problems.append(_problem(split, kind, len(empty), detail, fatal=False))
+    unreadable = [f"{name} ({why})" for name, why in dataset.dropped_files.items() if why != "missing"]
+    fatal = bool(unreadable) and not skip
     if decode:
-        unreadable, resized = [], []
-        ids = dataset.ids
-        for image_id in track(ids, len(ids), f"reading {split} images", enabled=progress):
+        resized = []
+        for image_id in track(dataset.ids, len(dataset.ids), f"reading {split} images", enabled=progress):
             record = coco.imgs[image_id]
             path = dataset.image_dir / record["file_name"]
             reason = image_problem(path)
-            if reason:
+            if reason:  # kept by the quick check, fails to decode: training would stop on it
                 unreadable.append(f"{record['file_name']} ({reason})")
+                fatal = True
             elif "width" in record and image_size(path) != (record["width"], record["height"]):
                 resized.append(record["file_name"])
-        if unreadable:
-            problems.append(_problem(split, "unreadable image", len(unreadable),
-                                     f"{len(unreadable)} images do not decode: {first(unreadable)}; replace or "
-                                     "remove them", fatal=True))
         if resized:
             problems.append(_problem(split, "image size", len(resized),
                                      f"{len(resized)} images differ in size from their annotation record (EXIF "
                                      f"rotation or re-encoding?): {first(resized)}", fatal=False))
+    if unreadable:
+        problems.append(_problem(split, UNREADABLE_IMAGE, len(unreadable),
+                                 f"{len(unreadable)} images cannot be read: {first(unreadable)}; replace or remove them",
+                                 fatal=fatal))
     stats = {"images": len(dataset), "boxes": sum(per_class.values()), "ignored_boxes": ignored,
              "boxes_per_class": {name: per_class[name] for name in dataset.classes},
              "image_sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common(5)},

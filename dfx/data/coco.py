@@ -122,7 +122,8 @@ class CocoDetection(Dataset):
 
     Attributes: ``coco`` (pycocotools COCO of the file, restricted to the kept images, annotations
     and categories: the ground truth for COCOeval), ``category_ids``, ``classes`` (names in label
-    order), ``ids`` (image ids, sorted; images without boxes included), ``skipped``.
+    order), ``ids`` (image ids, sorted; images without boxes included), ``skipped``, ``dropped_files``
+    (image file name -> why skip_invalid dropped it).
     """
 
     def __init__(self, image_dir: str | Path, ann_file: str | Path, transform=None,
@@ -130,9 +131,11 @@ class CocoDetection(Dataset):
                  classes: list[str] | None = None):
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
+        self.converted = annotations is not None  # no COCO file on disk holds these annotations
         self.transform = transform
         self.skip_invalid = skip_invalid
         self.skipped: dict[str, int] = {}
+        self.dropped_files: dict[str, str] = {}  # image file name -> why it was dropped (skip_invalid)
         data = read_annotation_file(self.ann_file) if annotations is None else check_annotations(annotations, ann_file)
         categories = {c["id"]: c for c in data["categories"]}
         if category_ids is None:
@@ -177,12 +180,15 @@ class CocoDetection(Dataset):
             raise UsageError(f"{len(missing)} of {len(images)} images listed in {self.ann_file} are missing from "
                              f"{self.image_dir}: {first(missing)}; restore them, or {SKIP_HINT}")
         self._count(MISSING_IMAGE, len(missing))
-        gone = set(missing)
+        self.dropped_files.update((name, "missing") for name in missing)
         if self.skip_invalid:  # cut-off or non-image files: a header and end-of-file check, not a decode
-            unreadable = {im["file_name"] for im in images if im["file_name"] not in gone
-                          and image_problem(self.image_dir / im["file_name"], decode=False)}
-            self._count(UNREADABLE_IMAGE, len(unreadable))
-            gone |= unreadable
+            for im in images:
+                reason = im["file_name"] not in self.dropped_files and \
+                    image_problem(self.image_dir / im["file_name"], decode=False)
+                if reason:
+                    self.dropped_files[im["file_name"]] = reason
+                    self._count(UNREADABLE_IMAGE, 1)
+        gone = set(self.dropped_files)
         return {im["id"]: im for im in images if im["file_name"] not in gone}
 
     def _valid_annotations(self, annotations: list[dict], listed: dict, images: dict[int, dict]) -> list[dict]:

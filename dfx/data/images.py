@@ -47,9 +47,15 @@ def load_rgb(path: str | Path) -> Image.Image:
             image.load()
             return to_rgb(ImageOps.exif_transpose(image))
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        reason = "truncated file" if "truncated" in str(e) else str(e)
+        reason = "truncated file" if _truncated(e) else str(e)
         raise UsageError(f"cannot read image {path}: {reason}; remove or replace the file "
                          "(detection: or set data.skip_invalid: true)") from None
+
+
+def _truncated(error: Exception) -> bool:
+    """PIL's errors for a file that ends too early ("image file is truncated", "Truncated File Read")."""
+    text = str(error).lower()
+    return "is truncated" in text or "truncated file" in text
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -81,7 +87,7 @@ def image_problem(path: str | Path, decode: bool = True) -> str | None:
                 image.load()
                 return None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        return "truncated file" if "truncated" in str(e) else f"unreadable ({e})"
+        return "truncated file" if _truncated(e) else f"unreadable ({e})"
     with open(path, "rb") as f:
         f.seek(max(0, path.stat().st_size - 64))
         tail = f.read().rstrip(b"\x00")

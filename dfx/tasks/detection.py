@@ -12,6 +12,7 @@ annotation file; the predictions are written in COCO results format beside the r
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,6 +26,7 @@ from dfx.data.det_transforms import DetectionTransform, collate_detection
 from dfx.data.formats import SPLITS, DetectionData, find_detection_data
 from dfx.detection import DeformableDETR, DetectorConfig, HungarianMatcher, SetCriterion, postprocess
 from dfx.errors import UsageError
+from dfx.files import write_text_atomic
 from dfx.recipe import EvalConfig as BaseEvalConfig
 from dfx.recipe import TrainConfig as BaseTrainConfig
 from dfx.tasks.classification import agreed_classes, data_root
@@ -305,6 +307,9 @@ class Evaluator:
         folder.mkdir(parents=True, exist_ok=True)
         files = {"predictions": folder / "predictions.json", "annotations": Path(self.dataset.ann_file)}
         write_results(files["predictions"], results)
+        if self.dataset.converted:  # YOLO / VOC: the COCO ground truth the predictions were scored against
+            files["annotations"] = folder / "annotations.json"
+            write_text_atomic(files["annotations"], json.dumps(self.dataset.coco.dataset))
         plot_pr_curve(cocoeval, folder / "pr_curve.png")
         files["pr_curve"] = folder / "pr_curve.png"
         if self.drawn:
