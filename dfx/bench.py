@@ -106,19 +106,21 @@ def time_forward(model, images: torch.Tensor, warmup: int, repeats: int) -> list
     return times
 
 
-def compare_latency(models: dict[str, torch.nn.Module], images: torch.Tensor, warmup: int, repeats: int
-                    ) -> dict[str, list[float]]:
+def compare_latency(models: dict[str, torch.nn.Module], images: torch.Tensor, warmup: int, repeats: int,
+                    progress: bool = False) -> dict[str, list[float]]:
     """Seconds per forward pass of each model, measured side by side.
 
     Each model first runs ``warmup`` unmeasured passes; then ``repeats`` rounds each time one pass
     of every model, the order rotated from round to round, so that a drift in machine load (other
-    jobs, clocks, caches) reaches all models alike.
+    jobs, clocks, caches) reaches all models alike. ``progress``: a bar over the rounds on stderr.
     """
+    from dfx.engine.progress import track
+
     names = list(models)
     for name in names:
         time_forward(models[name], images, warmup, 0)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
+    for round_index in track(range(repeats), repeats, "timing", enabled=progress):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             times[name] += time_forward(models[name], images, 0, 1)

@@ -342,6 +342,7 @@ def cluster(
     k: int = typer.Option(20, "--k", help="Clusters each token is reconstructed from."),
     no_metric: bool = typer.Option(False, "--no-metric", help="Skip the task metric on the validation split."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
@@ -353,7 +354,7 @@ def cluster(
         return cluster_report(model, cluster_ratio=cluster_ratio, alpha=alpha, data=data, images=images, batch=batch,
                               warmup=warmup, repeats=repeats, device=device, iters=iters,
                               temperature=_temperature(temperature),
-                              window=window, k=k, metric=not no_metric)
+                              window=window, k=k, metric=not no_metric, progress=not (quiet or json_out))
 
     def show(result: dict) -> None:
         settings = result["settings"]
@@ -460,7 +461,8 @@ def fuse(
             if fusion is not None or dry_run:
                 raise UsageError("--compare trains the listed strategies; it cannot be combined with --fusion or "
                                  "--dry-run")
-            return fusion_task.compare(recipe, compare, overrides, out=out_dir, device=device, quiet=quiet)
+            return fusion_task.compare(recipe, compare, overrides, out=out_dir, device=device,
+                                       quiet=quiet or json_out)
         return fusion_task.fuse(recipe, overrides, fusion=fusion, out=out_dir, device=device, quiet=quiet,
                                 dry_run=dry_run)
 
