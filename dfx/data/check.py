@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from dfx.data.coco import MISSING_IMAGE, UNREADABLE_IMAGE, CocoDetection, first
-from dfx.data.formats import SPLITS, DetectionData, find_detection_data
+from dfx.data.formats import SPLITS, DetectionData
 from dfx.data.images import image_problem, image_size
 from dfx.engine.progress import track
 from dfx.errors import UsageError

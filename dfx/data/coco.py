@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch.utils.data import Dataset
 
 from dfx.data.images import image_problem, load_rgb
 from dfx.errors import UsageError
+from dfx.files import read_json
 
 SKIP_HINT = "set data.skip_invalid: true to drop them"
 # the reasons CocoDetection.skipped counts under
@@ -35,13 +35,9 @@ UNKNOWN_CATEGORY, BAD_BOX, UNKNOWN_IMAGE, MISSING_IMAGE, UNREADABLE_IMAGE = (
 
 def read_annotation_file(ann_file: Path) -> dict:
     """The parsed JSON of a COCO annotation file, checked by :func:`check_annotations`."""
-    if not ann_file.is_file():
+    if not Path(ann_file).is_file():
         raise UsageError(f"annotation file {ann_file} does not exist; check data.root (or the path you passed)")
-    try:
-        data = json.loads(ann_file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UsageError(f"annotation file {ann_file} is not valid JSON ({e}); re-export or re-download it") from None
-    return check_annotations(data, ann_file)
+    return check_annotations(read_json(ann_file, "annotation file", "re-export or re-download it"), ann_file)
 
 
 def check_annotations(data, source: str | Path) -> dict:

@@ -306,10 +306,3 @@ def _read_voc(root: Path, image_id: str) -> dict:
         objects.append(((obj.findtext("name") or "").strip(), [x0 - 1, y0 - 1, x1 - x0 + 1, y1 - y0 + 1],
                         (obj.findtext("difficult") or "0").strip() == "1"))
     return {"file_name": file_name, "width": width, "height": height, "objects": objects}
-
-
-def describe(data: DetectionData) -> str:
-    """``<root> (<format>)`` for messages."""
-    return f"{data.root or 'explicit paths'} ({data.format})"
-
-

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dfx.files import write_text_atomic
+from dfx.files import read_json, write_text_atomic
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -125,13 +125,7 @@ def read_results(path: str | Path, coco_gt) -> list[dict]:
     from dfx.data.coco import first
     from dfx.errors import UsageError
 
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--predictions: {path} does not exist")
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UsageError(f"--predictions: {path} is not valid JSON ({e})") from None
+    results = read_json(path, "--predictions:")
     if not isinstance(results, list):
         raise UsageError(f"--predictions: {path} must hold a JSON list of detections (COCO results format: "
                          "image_id, category_id, bbox [x, y, w, h], score)")
