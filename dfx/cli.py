@@ -16,6 +16,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -245,31 +246,110 @@ def train(
 
 @app.command("eval")
 def eval_(
-    run_or_checkpoint: Path = typer.Argument(..., metavar="RUN_DIR|CHECKPOINT|RECIPE",
-                                             help="A run directory, a .safetensors checkpoint, or a recipe with "
-                                                  "model.weights=FILE among the overrides."),
+    run_or_checkpoint: Optional[Path] = typer.Argument(None, metavar="[RUN_DIR|CHECKPOINT|RECIPE]",
+                                                       help="A run directory, a .safetensors checkpoint, or a recipe "
+                                                            "with model.weights=FILE among the overrides."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, e.g. data.root=path/to/data."),
     data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this data (sets data.root)."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", metavar="FILE",
+                                               help="A COCO results JSON from any detector: evaluate it against "
+                                                    "--annotations instead of running a model."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", metavar="FILE",
+                                               help="The COCO annotation JSON --predictions are scored against."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
-    """Evaluate a trained run (best checkpoint), a checkpoint file, or a recipe's model.weights on validation data."""
+    """Evaluate a trained run (best checkpoint), a checkpoint file or a recipe's model.weights on validation
+    data, or a COCO results file (--predictions FILE --annotations FILE)."""
     extra = list(overrides or []) + ([f"data.root={data}"] if data else [])
 
     def work() -> dict:
+        if predictions is not None or annotations is not None:
+            if predictions is None or annotations is None:
+                raise UsageError("--predictions and --annotations go together: a COCO results JSON and the COCO "
+                                 "annotation JSON it is scored against")
+            if run_or_checkpoint is not None or extra:
+                raise UsageError("--predictions evaluates a results file: drop the run directory / overrides")
+            from dfx.data.coco_eval import evaluate_results_file
+
+            return evaluate_results_file(predictions, annotations)
+        if run_or_checkpoint is None:
+            raise UsageError("dfx eval needs a run directory or checkpoint, or --predictions FILE --annotations FILE")
         from dfx.engine import evaluate_checkpoint
 
-        return evaluate_checkpoint(run_or_checkpoint, extra, device=device)
+        return evaluate_checkpoint(run_or_checkpoint, extra, device=device, progress=not (quiet or json_out))
 
     def show(result: dict) -> None:
         epoch = f" (epoch {result['epoch']})" if result.get("epoch") is not None else ""
-        out.print(_metrics_table(f"{result['checkpoint']}{epoch}", result["metrics"]))
+        title = (f"{Path(result['predictions']).name} ({result['detections']} detections on {result['images']} images)"
+                 if "detections" in result else f"{result['checkpoint']}{epoch}")
+        out.print(_metrics_table(escape(title), result["metrics"]))
+        if result.get("no_ground_truth"):
+            out.print(f"no ground truth (no per-class AP): {', '.join(result['no_ground_truth'])}", markup=False,
+                      highlight=False)
         for key in ("predictions", "annotations", "pr_curve", "picture"):
-            if key in result:
+            if key in result and "detections" not in result:
                 out.print(f"{key}: {result[key]}", markup=False, highlight=False)
 
     run(work, json_out=json_out, debug=debug, show=show)
+
+
+data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    target: Optional[str] = typer.Argument(None, metavar="[RECIPE|ROOT]",
+                                           help="A detection recipe, or a dataset folder / YOLO data.yaml."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, e.g. data.skip_invalid=true."),
+    no_decode: bool = typer.Option(False, "--no-decode", help="Do not decode every image (faster on large data; "
+                                                              "finds missing and non-image files only)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Read a detection dataset the way training will: format, splits, boxes per class, image sizes and
+    every problem (exit 1 when training would fail)."""
+    items = list(overrides or [])
+    if target is not None and "=" in target and not Path(target).exists():  # only overrides given
+        items.insert(0, target)
+        target = None
+    report: dict = {}
+
+    def work() -> dict:
+        from dfx.data.check import check_data
+
+        report.update(check_data(target, items, decode=not no_decode, progress=not (quiet or json_out)))
+        return report
+
+    run(work, json_out=json_out, debug=debug, show=_show_data_report)
+    if report and not report["ok"]:
+        raise typer.Exit(1)
+
+
+def _show_data_report(report: dict) -> None:
+    out.print(f"{report['root'] or 'explicit paths'}: format {report['format']}, {len(report['classes'])} classes",
+              highlight=False)
+    table = Table(show_header=True)
+    table.add_column("class")
+    splits = list(report["splits"])
+    for split in splits:
+        table.add_column(split, justify="right")
+    for name in report["classes"]:
+        table.add_row(name, *(str(report["splits"][s]["boxes_per_class"].get(name, 0)) for s in splits))
+    table.add_row("[bold]boxes", *(str(report["splits"][s]["boxes"]) for s in splits))
+    table.add_row("[bold]images", *(str(report["splits"][s]["images"]) for s in splits))
+    table.add_row("[bold]image sizes", *(", ".join(f"{k} ({n})" for k, n in report["splits"][s]["image_sizes"].items())
+                                         for s in splits))
+    out.print(table)
+    for problem in report["problems"]:
+        level = "[bold red]error[/]" if problem["fatal"] else "[yellow]warning[/]"
+        out.print(f"{level} {problem['split']}: {problem['detail']}", highlight=False, soft_wrap=True)
+    out.print("ok: training can read this data" if report["ok"] else
+              "[bold red]training would fail on this data[/] (see the errors above)", highlight=False)
 
 
 @app.command()
@@ -341,6 +421,7 @@ def cluster(
     k: int = typer.Option(20, "--k", help="Clusters each token is reconstructed from."),
     no_metric: bool = typer.Option(False, "--no-metric", help="Skip the task metric on the validation split."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
@@ -352,7 +433,7 @@ def cluster(
         return cluster_report(model, cluster_ratio=cluster_ratio, alpha=alpha, data=data, images=images, batch=batch,
                               warmup=warmup, repeats=repeats, device=device, iters=iters,
                               temperature=_temperature(temperature),
-                              window=window, k=k, metric=not no_metric)
+                              window=window, k=k, metric=not no_metric, progress=not (quiet or json_out))
 
     def show(result: dict) -> None:
         settings = result["settings"]
@@ -459,7 +540,8 @@ def fuse(
             if fusion is not None or dry_run:
                 raise UsageError("--compare trains the listed strategies; it cannot be combined with --fusion or "
                                  "--dry-run")
-            return fusion_task.compare(recipe, compare, overrides, out=out_dir, device=device, quiet=quiet)
+            return fusion_task.compare(recipe, compare, overrides, out=out_dir, device=device,
+                                       quiet=quiet or json_out)
         return fusion_task.fuse(recipe, overrides, fusion=fusion, out=out_dir, device=device, quiet=quiet,
                                 dry_run=dry_run)
 

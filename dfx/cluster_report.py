@@ -49,7 +49,7 @@ def _log(message: str) -> None:
 def cluster_report(model: str, cluster_ratio: float = 0.5, alpha: int | None = None, data: str | None = None,
                    images: int = 8, batch: int = 1, warmup: int = 2, repeats: int = 10, device: str = "auto",
                    iters: int = 5, temperature: float | str = 0.02, window: int = 5, k: int = 20,
-                   metric: bool = True) -> dict:
+                   metric: bool = True, progress: bool = False) -> dict:
     """Run ``model`` with and without token clustering; see the module docstring.
 
     model: a dfx run directory or checkpoint (trained weights, its task's data and metric), or a
@@ -57,7 +57,8 @@ def cluster_report(model: str, cluster_ratio: float = 0.5, alpha: int | None = N
     the run's own validation data, or ``shapes-seg`` resized to the model's input size for a timm
     name. images: how many validation images the fidelity is measured on; batch: the batch of the
     latency measurement. metric: also evaluate the task metric over the whole validation split
-    (dfx runs only). temperature: a number, or ``"auto"`` to calibrate it to the model's feature scale
+    (dfx runs only). progress: bars over the latency rounds and the validation batches (stderr).
+    temperature: a number, or ``"auto"`` to calibrate it to the model's feature scale
     on the fidelity images (``AUTO_SHARPNESS`` / median squared token-to-centre distance at alpha).
 
     Returns {"model", "weights", "image_size", "grid", "clustered_grid", "settings", "fidelity", "assignment",
@@ -105,7 +106,10 @@ def cluster_report(model: str, cluster_ratio: float = 0.5, alpha: int | None = N
              "soft assignments are nearly uniform for this model's feature scale and clustering blurs the features; "
              f"try --temperature auto (here {AUTO_SHARPNESS / distance:.2g})")
     models = {"baseline": base, "clustered": clustered}
-    times = compare_latency(models, sample[:1].repeat(batch, 1, 1, 1), warmup, repeats)
+    from dfx.engine.progress import track
+
+    times = compare_latency(models, sample[:1].repeat(batch, 1, 1, 1), warmup, repeats,
+                            rounds=lambda it: track(it, repeats, "timing", enabled=progress))
     for name, net in models.items():
         report[name] = {"latency_ms": statistics.median(times[name]) * 1e3,
                         "gflops": count_flops(net, sample[:1]) / 1e9}
@@ -120,7 +124,7 @@ def cluster_report(model: str, cluster_ratio: float = 0.5, alpha: int | None = N
                              collate_fn=task.collate_fn)
         for name, net in models.items():
             _log(f"{key} of the {name} model on {len(dataset)} validation images")
-            report[name][key] = evaluate(task, net, loader, ctx)[key]
+            report[name][key] = evaluate(task, net, loader, ctx, progress=progress)[key]
         report["metric"] = key
         report["metric_drop"] = (report["baseline"][key] - report["clustered"][key]) * 100
     report.update({"device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),

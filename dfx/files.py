@@ -1,4 +1,5 @@
-"""Writing files so that a reader sees the old version or the new one, never half of one.
+"""Writing files so that a reader sees the old version or the new one, never half of one; reading
+the JSON files users hand in, with errors that name them.
 
 Every file dfx writes goes through :func:`atomic_write`: written to a temporary name beside the
 target, flushed to disk, given the usual permissions (umask, like any other file of the run)
@@ -9,6 +10,7 @@ naming the file and the cause; the previous version of the file is left untouche
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -76,6 +78,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def read_json(path: str | Path, label: str, fix: str = ""):
+    """The parsed JSON of ``path``; a missing or invalid file is a UsageError naming ``label`` and the file."""
+    from dfx.errors import UsageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{label} {path} does not exist{fix and '; ' + fix}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"{label} {path} is not valid JSON ({e}){fix and '; ' + fix}") from None
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable, Iterable
 
 import torch
 
@@ -55,19 +56,20 @@ def time_forward(model, images: torch.Tensor, warmup: int, repeats: int) -> list
     return times
 
 
-def compare_latency(models: dict[str, torch.nn.Module], images: torch.Tensor, warmup: int, repeats: int
-                    ) -> dict[str, list[float]]:
+def compare_latency(models: dict[str, torch.nn.Module], images: torch.Tensor, warmup: int, repeats: int,
+                    rounds: Callable[[Iterable[int]], Iterable[int]] = iter) -> dict[str, list[float]]:
     """Seconds per forward pass of each model, measured side by side.
 
     Each model first runs ``warmup`` unmeasured passes; then ``repeats`` rounds each time one pass
     of every model, the order rotated from round to round, so that a drift in machine load (other
-    jobs, clocks, caches) reaches all models alike.
+    jobs, clocks, caches) reaches all models alike. ``rounds`` wraps the rounds' iterator (e.g. a
+    progress bar).
     """
     names = list(models)
     for name in names:
         time_forward(models[name], images, warmup, 0)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
+    for round_index in rounds(range(repeats)):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             times[name] += time_forward(models[name], images, 0, 1)

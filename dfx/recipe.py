@@ -112,6 +112,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2
     log_every: int = 20
+    tensorboard: bool = False  # also log to <run>/tensorboard (needs the tensorboard extra)
 
 
 @dataclass
@@ -293,11 +294,16 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
+        nested = None  # a mapping that fits a section's shape but not its keys: that error says more
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, key)
-            except (_Mismatch, UsageError):
+            except _Mismatch:
                 continue
+            except UsageError as e:
+                nested = nested or e
+        if nested is not None:
+            raise nested
         raise _Mismatch
     if origin is Literal:
         if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):

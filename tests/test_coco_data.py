@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dfx.data.coco import CocoDetection, coco_split_paths
+from dfx.data.coco import CocoDetection
+from dfx.data.formats import find_detection_data
 from dfx.data.det_transforms import DetectionTransform, collate_detection, resized_shape
 from dfx.errors import UsageError
 
@@ -258,19 +259,20 @@ def test_missing_or_repeated_annotation_ids_are_renumbered(tmp_path):
     assert dataset[0][1]["labels"].tolist() == [0, 2] and dataset[2][1]["labels"].tolist() == [2, 1]
 
 
-def test_split_paths_understands_both_layouts(tmp_path):
+def test_both_coco_layouts_are_recognised(tmp_path):
     (tmp_path / "coco" / "val2017").mkdir(parents=True)
     (tmp_path / "coco" / "annotations").mkdir()
     (tmp_path / "coco" / "annotations" / "instances_val2017.json").write_text("{}")
-    assert coco_split_paths(tmp_path / "coco", "val") == (
+    found = find_detection_data(tmp_path / "coco")
+    assert found.format == "coco" and (found.split("val").images, found.split("val").ann_file) == (
         tmp_path / "coco" / "val2017", tmp_path / "coco" / "annotations" / "instances_val2017.json")
     (tmp_path / "dfx" / "train").mkdir(parents=True)
     (tmp_path / "dfx" / "annotations").mkdir()
     (tmp_path / "dfx" / "annotations" / "train.json").write_text("{}")
-    assert coco_split_paths(tmp_path / "dfx", "train") == (
+    found = find_detection_data(tmp_path / "dfx")
+    assert found.format == "dfx" and (found.split("train").images, found.split("train").ann_file) == (
         tmp_path / "dfx" / "train", tmp_path / "dfx" / "annotations" / "train.json")
-    with pytest.raises(UsageError, match=r"not a COCO detection root; expected either .*/train2017/ with "
-                                         r".*/annotations/instances_train2017.json, or the dfx layout"):
-        coco_split_paths(tmp_path / "coco", "train")
+    with pytest.raises(UsageError, match=r"coco \(coco\) has no train split \(it has val\)"):
+        find_detection_data(tmp_path / "coco").split("train")
     with pytest.raises(UsageError, match="does not exist"):
-        coco_split_paths(tmp_path / "nowhere", "val")
+        find_detection_data(tmp_path / "nowhere")

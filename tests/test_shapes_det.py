@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from dfx.data.cache import tree_checksum
-from dfx.data.coco import CocoDetection, coco_split_paths
+from dfx.data.coco import CocoDetection
+from dfx.data.formats import find_detection_data
 from dfx.data.embedded import EMBEDDED
 from dfx.data.shapes_det import CATEGORY_IDS, CLASSES, MAX_OBJECTS, SIZE, generate_shapes_det, polygon_mask, scene
 
@@ -115,7 +116,8 @@ def test_polygon_mask_matches_drawn_pixels():
 
 
 def test_loads_with_coco_detection(full_val):
-    image_dir, ann_file = coco_split_paths(full_val, "val")
+    val = find_detection_data(full_val).split("val")
+    image_dir, ann_file = val.images, val.ann_file
     dataset = CocoDetection(image_dir, ann_file)
     assert dataset.category_ids == [1, 3, 5, 7] and dataset.classes == list(CLASSES)
     assert len(dataset) == 200 and dataset.skipped == {}
@@ -125,7 +127,8 @@ def test_loads_with_coco_detection(full_val):
     first = [a for a in document["annotations"] if a["image_id"] == dataset.ids[0]]
     assert target["labels"].tolist() == [CATEGORY_IDS.index(a["category_id"]) for a in first]
     assert np.allclose(target["boxes"].numpy(), [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in first)])
-    assert len(CocoDetection(*coco_split_paths(full_val, "train"))) == 4
+    train = find_detection_data(full_val).split("train")
+    assert len(CocoDetection(train.images, train.ann_file)) == 4
 
 
 def test_registered_as_embedded():

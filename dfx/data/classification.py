@@ -4,19 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 
+from dfx.data.images import load_rgb
 from dfx.errors import UsageError
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB; an unreadable file is named in the error."""
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise UsageError(f"cannot read image {path}: {e}; remove or replace the file") from None
 
 
 def image_folder(root: Path, split: str, transform=None, classes: list[str] | None = None) -> ImageFolder:

@@ -1,9 +1,8 @@
 """COCO-format detection data: an image folder and an annotation JSON, checked when built.
 
-Two root layouts are understood (:func:`coco_split_paths`):
-
-    COCO 2017   <root>/train2017/, <root>/val2017/, <root>/annotations/instances_{train,val}2017.json
-    dfx         <root>/train/, <root>/val/, <root>/annotations/{train,val}.json  (embedded shapes-det)
+Which folder and file make each split, for every format people export (COCO, Roboflow/CVAT,
+YOLO, Pascal VOC, explicit paths), is :mod:`dfx.data.formats`' business; YOLO and VOC arrive
+here as annotation dicts converted in memory.
 
 An item is ``(image, target)`` after the transform (dfx.data.det_transforms); the transform gets
 the PIL RGB image and a target whose ``boxes`` are absolute pixel xyxy [N, 4] float, ``labels``
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
 from pathlib import Path
@@ -25,51 +23,60 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dfx.data.classification import load_rgb
+from dfx.data.images import image_problem, load_rgb
 from dfx.errors import UsageError
+from dfx.files import read_json
 
 SKIP_HINT = "set data.skip_invalid: true to drop them"
 # the reasons CocoDetection.skipped counts under
-UNKNOWN_CATEGORY, BAD_BOX, UNKNOWN_IMAGE, MISSING_IMAGE = (
-    "unknown category", "invalid box", "unknown image id", "missing image file")
-
-
-def coco_layout_error(root: str | Path, split: str = "train") -> str:
-    """The message for a ``root`` that holds neither detection layout (for ``split``)."""
-    what = "does not exist" if not Path(root).is_dir() else "is not a COCO detection root"
-    return (f"data.root: {root} {what}; expected either the COCO 2017 layout {root}/{split}2017/ with "
-            f"{root}/annotations/instances_{split}2017.json, or the dfx layout {root}/{split}/ with "
-            f"{root}/annotations/{split}.json")
-
-
-def coco_split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
-    """``(image_dir, ann_file)`` of ``split`` ("train" or "val") under a COCO 2017 or dfx root."""
-    root = Path(root)
-    for image_dir, ann_file in ((root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"),
-                                (root / split, root / "annotations" / f"{split}.json")):
-        if image_dir.is_dir() and ann_file.is_file():
-            return image_dir, ann_file
-    raise UsageError(coco_layout_error(root, split))
+UNKNOWN_CATEGORY, BAD_BOX, UNKNOWN_IMAGE, MISSING_IMAGE, UNREADABLE_IMAGE = (
+    "unknown category", "invalid box", "unknown image id", "missing image file", "unreadable image")
 
 
 def read_annotation_file(ann_file: Path) -> dict:
-    """The parsed JSON of a COCO annotation file, with ``annotations``/``categories`` defaulted to []."""
-    if not ann_file.is_file():
+    """The parsed JSON of a COCO annotation file, checked by :func:`check_annotations`."""
+    if not Path(ann_file).is_file():
         raise UsageError(f"annotation file {ann_file} does not exist; check data.root (or the path you passed)")
-    try:
-        data = json.loads(ann_file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UsageError(f"annotation file {ann_file} is not valid JSON ({e}); re-export or re-download it") from None
+    return check_annotations(read_json(ann_file, "annotation file", "re-export or re-download it"), ann_file)
+
+
+def check_annotations(data, source: str | Path) -> dict:
+    """A COCO annotation dict with ``annotations``/``categories`` defaulted to [] and annotation ids
+    made positive and unique.
+
+    ``source`` names the file (or converted dataset) in messages. pycocotools indexes annotations
+    by id and counts a detection as matched only when the matched ground-truth id is > 0, so
+    exports whose ids start at 0, repeat or are missing are renumbered 1..N (nothing else refers
+    to annotation ids).
+    """
     if not isinstance(data, dict) or not data.get("images"):
-        raise UsageError(f"annotation file {ann_file}: empty annotation file (no 'images' list); "
+        raise UsageError(f"annotation file {source}: empty annotation file (no 'images' list); "
                          "a COCO file needs 'images', 'annotations' and 'categories'")
     broken = [i for i, im in enumerate(data["images"]) if not (isinstance(im, dict) and {"id", "file_name"} <= set(im))]
     if broken:
-        raise UsageError(f"annotation file {ann_file}: {len(broken)} image records lack 'id' or 'file_name' (first: "
+        raise UsageError(f"annotation file {source}: {len(broken)} image records lack 'id' or 'file_name' (first: "
                          f"images[{broken[0]}]); every image record needs both")
-    data.setdefault("annotations", [])
-    data.setdefault("categories", [])
+    data = {**data, "annotations": data.get("annotations") or [], "categories": data.get("categories") or []}
+    ids = [a.get("id") for a in data["annotations"]]
+    if not all(isinstance(i, int) and i > 0 for i in ids) or len(set(ids)) < len(ids):
+        data["annotations"] = [{**a, "id": n} for n, a in enumerate(data["annotations"], 1)]
     return data
+
+
+def read_ground_truth(ann_file: str | Path):
+    """A pycocotools COCO of an annotation file, ready for COCOeval (annotation ids fixed as above)."""
+    return quiet_coco(read_annotation_file(Path(ann_file)))
+
+
+def label_categories(data: dict) -> list[int]:
+    """The category ids that are classes, sorted: every category except grouping-only ones.
+
+    Labelling tools (Roboflow) add the dataset's name as a category that is only the
+    ``supercategory`` of the real classes and has no boxes; it is not a class to learn or score.
+    """
+    used = {a.get("category_id") for a in data["annotations"]}
+    parents = {c.get("supercategory") for c in data["categories"] if c.get("supercategory") != c.get("name")}
+    return sorted(c["id"] for c in data["categories"] if c["id"] in used or c.get("name") not in parents)
 
 
 def quiet_coco(dataset: dict):
@@ -101,26 +108,34 @@ class CocoDetection(Dataset):
     """The images and boxes of one COCO annotation file, checked when built.
 
     ``category_ids``: COCO category ids in label order (label i is category ``category_ids[i]``);
-    default all categories of the file, sorted by id. ``skip_invalid``: drop what is invalid
+    default every category of the file that is a class (:func:`label_categories`), sorted by id, or
+    with ``classes`` (names, e.g. the model's) the categories of those names in that order. ``skip_invalid``: drop what is invalid
     (annotations with unknown categories, non-positive boxes or unknown image ids; images whose
-    file is missing) and count it in ``skipped`` (reason -> count) instead of raising UsageError.
+    file is missing, not an image or cut off) and count it in ``skipped`` (reason -> count) instead of raising UsageError.
+
+    ``annotations``: the annotation dict itself (a dataset converted in memory from YOLO or VOC);
+    ``ann_file`` then only names it in messages.
 
     Attributes: ``coco`` (pycocotools COCO of the file, restricted to the kept images, annotations
     and categories: the ground truth for COCOeval), ``category_ids``, ``classes`` (names in label
-    order), ``ids`` (image ids, sorted; images without boxes included), ``skipped``.
+    order), ``ids`` (image ids, sorted; images without boxes included), ``skipped``, ``dropped_files``
+    (image file name -> why skip_invalid dropped it).
     """
 
     def __init__(self, image_dir: str | Path, ann_file: str | Path, transform=None,
-                 category_ids: list[int] | None = None, skip_invalid: bool = False):
+                 category_ids: list[int] | None = None, skip_invalid: bool = False, annotations: dict | None = None,
+                 classes: list[str] | None = None):
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
+        self.converted = annotations is not None  # no COCO file on disk holds these annotations
         self.transform = transform
         self.skip_invalid = skip_invalid
         self.skipped: dict[str, int] = {}
-        data = read_annotation_file(self.ann_file)
+        self.dropped_files: dict[str, str] = {}  # image file name -> why it was dropped (skip_invalid)
+        data = read_annotation_file(self.ann_file) if annotations is None else check_annotations(annotations, ann_file)
         categories = {c["id"]: c for c in data["categories"]}
         if category_ids is None:
-            category_ids = sorted(categories)
+            category_ids = label_categories(data) if classes is None else self._named(classes, data["categories"])
         absent = [c for c in category_ids if c not in categories]
         if absent:
             raise UsageError(f"data.category_ids: {first(absent)} not among the categories of {self.ann_file} "
@@ -133,17 +148,25 @@ class CocoDetection(Dataset):
 
         images = self._present_images(data["images"])
         annotations = self._valid_annotations(data["annotations"], {im["id"]: im for im in data["images"]}, images)
-        if len({a.get("id") for a in annotations}) < len(annotations) or any("id" not in a for a in annotations):
-            # pycocotools indexes annotations by id: missing or repeated ids (some converters write
-            # them) would silently merge boxes, so renumber; nothing else refers to annotation ids
-            annotations = [{**a, "id": n} for n, a in enumerate(annotations, 1)]
         self.coco = quiet_coco({**data, "images": list(images.values()), "annotations": annotations,
                                 "categories": [categories[c] for c in self.category_ids]})
         self.ids = sorted(images)
         self.targets = self._targets(images, annotations)
 
+    def _named(self, classes: list[str], categories: list[dict]) -> list[int]:
+        """The category ids of ``classes``, by name, in that order."""
+        ids = {}
+        for category in categories:
+            ids.setdefault(str(category.get("name", category["id"])), category["id"])
+        absent = [name for name in classes if name not in ids]
+        if absent:
+            raise UsageError(f"{self.ann_file} has no categories named {first(absent)} (the model's classes are "
+                             f"{first(classes, 20)}); set data.category_ids to the matching ids")
+        return [ids[name] for name in classes]
+
     def _present_images(self, images: list[dict]) -> dict[int, dict]:
-        """image id -> image record, for images whose file exists (all of them unless skip_invalid)."""
+        """image id -> image record, for images whose file exists (all of them unless skip_invalid;
+        with it, files that are not images or are cut off are dropped too)."""
         if not self.image_dir.is_dir():
             raise UsageError(f"image folder {self.image_dir} (for {self.ann_file}) does not exist")
         present = set(os.listdir(self.image_dir))  # one listing instead of a stat per image (COCO: 118k)
@@ -153,7 +176,15 @@ class CocoDetection(Dataset):
             raise UsageError(f"{len(missing)} of {len(images)} images listed in {self.ann_file} are missing from "
                              f"{self.image_dir}: {first(missing)}; restore them, or {SKIP_HINT}")
         self._count(MISSING_IMAGE, len(missing))
-        gone = set(missing)
+        self.dropped_files.update((name, "missing") for name in missing)
+        if self.skip_invalid:  # cut-off or non-image files: a header and end-of-file check, not a decode
+            for im in images:
+                reason = im["file_name"] not in self.dropped_files and \
+                    image_problem(self.image_dir / im["file_name"], decode=False)
+                if reason:
+                    self.dropped_files[im["file_name"]] = reason
+                    self._count(UNREADABLE_IMAGE, 1)
+        gone = set(self.dropped_files)
         return {im["id"]: im for im in images if im["file_name"] not in gone}
 
     def _valid_annotations(self, annotations: list[dict], listed: dict, images: dict[int, dict]) -> list[dict]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dfx.files import write_text_atomic
+from dfx.files import read_json, write_text_atomic
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -83,26 +83,78 @@ def empty_detections(coco_gt):
 
 
 def class_ap(cocoeval) -> dict[str, float]:
-    """AP (IoU 0.50:0.95, all areas, 100 detections) per category name; 0.0 where undefined."""
+    """AP (IoU 0.50:0.95, all areas, 100 detections) per category name, for the categories that
+    have ground truth in the evaluated images (:func:`without_ground_truth` names the others)."""
     precision = cocoeval.eval["precision"]  # [iou T, recall R, category K, area A, max dets M]
     out = {}
     for k, category_id in enumerate(cocoeval.params.catIds):
         values = precision[:, :, k, 0, -1]
-        values = values[values > -1]
-        out[cocoeval.cocoGt.cats[category_id]["name"]] = float(values.mean()) if values.size else 0.0
+        values = values[values > -1]  # COCOeval leaves -1 where a category has no ground truth
+        if values.size:
+            out[cocoeval.cocoGt.cats[category_id]["name"]] = float(values.mean())
     return out
+
+
+def without_ground_truth(cocoeval) -> list[str]:
+    """Names of the categories with no (non-crowd) ground truth in the evaluated images."""
+    precision = cocoeval.eval["precision"]
+    return [cocoeval.cocoGt.cats[c]["name"] for k, c in enumerate(cocoeval.params.catIds)
+            if not (precision[:, :, k, 0, -1] > -1).any()]
 
 
 def evaluate_coco(coco_gt, results: list[dict], per_class: bool = True, image_ids: list[int] | None = None) -> dict:
     """COCO box metrics: the twelve :data:`STAT_NAMES` as floats in [0, 1] (undefined -> 0.0),
-    plus ``per_class`` {category name: AP} when asked. See :func:`run_cocoeval` for the arguments.
+    plus, when asked, ``per_class`` {category name: AP} for the categories with ground truth and
+    ``no_ground_truth`` [names of the others]. See :func:`run_cocoeval` for the arguments.
     """
     stats, cocoeval = run_cocoeval(coco_gt, results, image_ids)
     if per_class:
         stats["per_class"] = class_ap(cocoeval)
+        stats["no_ground_truth"] = without_ground_truth(cocoeval)
     return stats
 
 
 def write_results(path: str | Path, results: list[dict]) -> None:
     """Write COCO results as JSON atomically: a reader sees the old file or the new one, never half."""
     write_text_atomic(path, json.dumps(results))
+
+
+def read_results(path: str | Path, coco_gt) -> list[dict]:
+    """A COCO results file (a JSON list of ``{image_id, category_id, bbox: [x, y, w, h], score}``),
+    checked against the ground truth: every image and category id must be in it."""
+    from dfx.data.coco import first
+    from dfx.errors import UsageError
+
+    results = read_json(path, "--predictions:")
+    if not isinstance(results, list):
+        raise UsageError(f"--predictions: {path} must hold a JSON list of detections (COCO results format: "
+                         "image_id, category_id, bbox [x, y, w, h], score)")
+    keys = {"image_id", "category_id", "bbox", "score"}
+    broken = [i for i, r in enumerate(results) if not (isinstance(r, dict) and keys <= set(r) and
+                                                       isinstance(r["bbox"], list) and len(r["bbox"]) == 4)]
+    if broken:
+        raise UsageError(f"--predictions: {path}: {len(broken)} entries are not detections (first: [{broken[0]}] = "
+                         f"{str(results[broken[0]])[:80]}); each needs image_id, category_id, bbox [x, y, w, h], score")
+    for field, known, what in (("image_id", set(coco_gt.imgs), "images"), ("category_id", set(coco_gt.cats),
+                                                                          "categories")):
+        unknown = sorted({r[field] for r in results} - known, key=str)
+        if unknown:
+            count = sum(r[field] in set(unknown) for r in results)
+            raise UsageError(f"--predictions: {count} detections in {path} name {field}s that are not among the "
+                             f"ground truth's {what}: {first(unknown)}; are they for these --annotations?")
+    return [{k: r[k] for k in keys} for r in results]
+
+
+def evaluate_results_file(predictions: str | Path, annotations: str | Path) -> dict:
+    """COCO box metrics of any detector's results file against a COCO annotation file:
+    ``{"metrics": {STAT_NAMES..., "AP/<class>"...}, "no_ground_truth": [...], "detections": N, "images": N,
+    "predictions": PATH, "annotations": PATH}``."""
+    from dfx.data.coco import read_ground_truth
+
+    coco_gt = read_ground_truth(annotations)
+    results = read_results(predictions, coco_gt)
+    stats = evaluate_coco(coco_gt, results)
+    per_class, missing = stats.pop("per_class"), stats.pop("no_ground_truth")
+    return {"metrics": {**stats, **{f"AP/{name}": value for name, value in per_class.items()}},
+            "no_ground_truth": missing, "detections": len(results), "images": len(coco_gt.imgs),
+            "predictions": str(predictions), "annotations": str(annotations)}

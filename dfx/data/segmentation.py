@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from dfx.data.classification import load_rgb
+from dfx.data.images import load_rgb
 from dfx.errors import UsageError
 
 IGNORE_INDEX = 255

@@ -28,11 +28,13 @@ def load_model(path: str | Path, overrides: Iterable[str] = (), device: str | to
     return recipe, task, model.to(device).eval(), meta
 
 
-def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), device: str = "auto") -> dict:
+def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), device: str = "auto",
+                        progress: bool = False) -> dict:
     """``{"metrics": {...}, "checkpoint": PATH, "epoch": N}`` on the recipe's validation data.
 
     ``path``: a run directory, a dfx checkpoint, or a recipe file whose ``model.weights`` (set in it
     or in ``overrides``) names the weights — e.g. a released checkpoint of the reference code.
+    ``progress``: a progress bar (or plain lines) over the validation batches on stderr.
     """
     from dfx.engine.trainer import evaluate, make_loader
 
@@ -52,6 +54,6 @@ def evaluate_checkpoint(path: str | Path, overrides: Iterable[str] = (), device:
             task.output_dir = (Path(path) if Path(path).is_dir() else Path(path).parent) / "eval"
         else:
             task.output_dir = new_run_dir(recipe.task, f"{recipe.name}-eval")
-    metrics = evaluate(task, model, loader, ctx)
+    metrics = evaluate(task, model, loader, ctx, progress=progress)
     return {"metrics": metrics, "checkpoint": weights, "epoch": meta.get("epoch"),
             **getattr(task, "outputs", {})}

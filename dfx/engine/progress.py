@@ -6,6 +6,7 @@ import sys
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
@@ -61,3 +62,34 @@ class EpochProgress:
     def log(self, message: str) -> None:
         if self.enabled:
             self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def track(items, total: int | None = None, description: str = "", enabled: bool = True,
+          console: Console | None = None, every_s: float = 10.0):
+    """Yield ``items`` with a progress bar on a terminal; otherwise a plain line every ``every_s``
+    seconds and one at the end (logs stay short). ``enabled=False`` (``--quiet``, ``--json``,
+    non-zero ranks) shows nothing. Everything goes to stderr.
+    """
+    if not enabled:
+        yield from items
+        return
+    console = console or Console(stderr=True)
+    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    if console.is_terminal and sys.stderr.isatty():
+        bar = Progress(TextColumn(f"[bold]{escape(description)}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       console=console, transient=True)
+        with bar:
+            yield from bar.track(items, total=total, description=description)
+        return
+    t0 = last = time.perf_counter()
+    done = 0
+    for done, item in enumerate(items, 1):
+        yield item
+        now = time.perf_counter()
+        if now - last >= every_s and (total is None or done < total):
+            last = now
+            eta = f", eta {(total - done) * (now - t0) / done:.0f}s" if total else ""
+            console.print(f"{description} {done}/{total or '?'} ({now - t0:.0f}s{eta})", markup=False, highlight=False,
+                          soft_wrap=True)
+    console.print(f"{description}: {done} done in {time.perf_counter() - t0:.1f}s", markup=False, highlight=False,
+                  soft_wrap=True)

@@ -10,6 +10,31 @@ from pathlib import Path
 from dfx.files import save_figure, write_text_atomic
 
 
+def tensorboard_writer_class():
+    """TensorBoard's SummaryWriter, imported on demand (tensorboard is an optional extra).
+
+    Training logs into ``<run>/tensorboard``; the run directory stays the source of truth
+    (metrics.jsonl holds the same numbers).
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from dfx.errors import UsageError
+
+        raise UsageError('train.tensorboard: true needs the tensorboard package; pip install "dfx[tensorboard]" '
+                         "(or pip install tensorboard), or set train.tensorboard: false") from None
+    return SummaryWriter
+
+
+def log_scalars(writer, values: dict, step: int) -> None:
+    """Every numeric value of ``values`` to TensorBoard at ``step`` (a no-op without a writer)."""
+    if writer is None:
+        return
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(key, value, step)
+
+
 def read_rows(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():

@@ -26,8 +26,8 @@ import dfx
 from dfx.data.seeded import SeededDataset
 from dfx.engine import checkpoint as ckpt
 from dfx.engine import distributed as D
-from dfx.engine.progress import EpochProgress
-from dfx.engine.records import plot, read_rows, write_rows
+from dfx.engine.progress import EpochProgress, track
+from dfx.engine.records import log_scalars, plot, read_rows, tensorboard_writer_class, write_rows
 from dfx.engine.rundir import RunLock, check_resumable, latest_run, new_run_dir
 from dfx.errors import RunError, UsageError
 from dfx.files import check_writable, remove_stale_temporaries, write_text_atomic
@@ -105,12 +105,16 @@ def make_loader(dataset, batch_size: int, ctx: D.Context, *, shuffle: bool, seed
 
 
 @torch.no_grad()
-def evaluate(task, model: torch.nn.Module, loader: DataLoader, ctx: D.Context, dtype=None) -> dict:
-    """Run the task's evaluator over this rank's shard; metrics merged over all ranks."""
+def evaluate(task, model: torch.nn.Module, loader: DataLoader, ctx: D.Context, dtype=None,
+             progress: bool = False) -> dict:
+    """Run the task's evaluator over this rank's shard; metrics merged over all ranks.
+
+    ``progress``: show a bar (terminal) or a few lines (stderr) over the batches on rank 0.
+    """
     evaluator = task.evaluator()
     was_training = model.training
     model.eval()
-    for batch in loader:
+    for batch in track(loader, len(loader), "evaluating", enabled=progress and ctx.is_main):
         with autocast(dtype, ctx.device):
             evaluator.update(model, to_device(batch, ctx.device))
     model.train(was_training)
@@ -189,6 +193,7 @@ def open_run_dir(run_dir: Path, lock: list, resuming: bool, log) -> dict | None:
 def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet, lock) -> dict:
     t, started = recipe.train, time.perf_counter()
     progress = EpochProgress(enabled=ctx.is_main and not quiet, log_every=t.log_every)
+    writer_class = tensorboard_writer_class() if t.tensorboard and ctx.is_main else None  # fail before any work
     if t.batch_size % ctx.world_size:
         raise UsageError(f"train.batch_size {t.batch_size} is the global batch; it must divide by the "
                          f"{ctx.world_size} processes")
@@ -204,6 +209,8 @@ def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet,
         raise UsageError(f"train.batch_size {t.batch_size} is larger than the training set ({len(train_set)} items)")
     val_loader = make_loader(val_set, recipe.eval.batch_size, ctx, shuffle=False, seed=t.seed,
                              num_workers=t.num_workers, collate_fn=task.collate_fn)
+    if hasattr(task, "data_summary"):
+        progress.log(task.data_summary())
     model = task.build_model().to(ctx.device)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
                                                     else None) if ctx.distributed else model
@@ -255,6 +262,7 @@ def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet,
         if hasattr(task, "output_dir"):  # tasks that write evaluation files (predictions, plots)
             task.output_dir = run_dir
         progress.log(f"dfx: run directory {run_dir}")
+    board = writer_class(log_dir=str(run_dir / "tensorboard")) if writer_class is not None else None
 
     last_metrics: dict = next(({k[4:]: v for k, v in r.items() if k.startswith("val/")} for r in reversed(rows)
                                if any(k.startswith("val/") for k in r)), {})
@@ -287,7 +295,10 @@ def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet,
             if ema is not None:
                 ema.update(model, step=global_step)
             loss_sum += value
-            progress.step(step, {"loss": value, "lr": optimizer.param_groups[0]["lr"], **logs})
+            values = {"loss": value, "lr": optimizer.param_groups[0]["lr"], **logs}
+            progress.step(step, values)
+            if board is not None and (global_step % t.log_every == 0 or step == len(loader)):
+                log_scalars(board, {f"step/{k}": v for k, v in values.items()}, global_step)
         progress.end()
 
         row = {"epoch": epoch, **{f"train/{k}": v for k, v in
@@ -295,7 +306,7 @@ def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet,
                "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - t_epoch}
         improved = False
         if epoch % recipe.eval.every == 0 or epoch == t.epochs:
-            last_metrics = evaluate(task, eval_model, val_loader, ctx, dtype)
+            last_metrics = evaluate(task, eval_model, val_loader, ctx, dtype, progress=progress.enabled)
             row.update({f"val/{k}": v for k, v in last_metrics.items()})
             value = last_metrics.get(recipe.eval.metric)
             if value is None:
@@ -320,8 +331,13 @@ def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet,
             files = ckpt.commit_epoch(run_dir / "checkpoints", weights, state)
             write_rows(run_dir, rows)  # after the commit: a resume rewrites them from the state
             plot(run_dir, rows)
+            log_scalars(board, {k: v for k, v in row.items() if k != "epoch"}, epoch)
+            if board is not None:
+                board.flush()
         for callback in callbacks:
             callback(epoch=epoch, row=row, run_dir=run_dir)
+    if board is not None:
+        board.close()
 
     return {
         "run_dir": str(run_dir),

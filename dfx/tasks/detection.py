@@ -12,6 +12,7 @@ annotation file; the predictions are written in COCO results format beside the r
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,11 +21,13 @@ from typing import Literal, Union
 import torch
 from torch import Tensor
 
-from dfx.data.coco import CocoDetection, coco_split_paths
+from dfx.data.coco import CocoDetection
 from dfx.data.det_transforms import DetectionTransform, collate_detection
+from dfx.data.formats import SPLITS, DetectionData, find_detection_data
 from dfx.detection import DeformableDETR, DetectorConfig, HungarianMatcher, SetCriterion, postprocess
 from dfx.errors import UsageError
 from dfx.weights import load_recipe_weights
+from dfx.files import write_text_atomic
 from dfx.recipe import EvalConfig as BaseEvalConfig
 from dfx.recipe import TrainConfig as BaseTrainConfig
 from dfx.recipe import WeightsConfig
@@ -84,18 +87,36 @@ class LossConfig:
 
 
 @dataclass
-class DataConfig:
-    """A COCO-format root (``train2017/ val2017/ annotations/``, or ``train/ val/ annotations/{train,val}.json``)
-    or ``shapes-det``, and DETR-style augmentation (sizes in pixels)."""
+class SplitPaths:
+    """One split given explicitly: an image folder and a COCO annotation file."""
 
-    root: str = "datasets/coco"
+    images: str = ""
+    annotations: str = ""
+
+    def validate(self, prefix: str) -> None:
+        missing = [name for name in ("images", "annotations") if not getattr(self, name)]
+        if missing:
+            raise UsageError(f"{prefix}: needs both images (a folder) and annotations (a COCO JSON file); "
+                             f"{' and '.join(missing)} missing")
+
+
+@dataclass
+class DataConfig:
+    """Detection data in any format :mod:`dfx.data.formats` recognises (COCO 2017, dfx, Roboflow/CVAT
+    COCO exports, YOLO, Pascal VOC), ``shapes-det``, or explicit ``train``/``val``/``test`` paths; and
+    DETR-style augmentation (sizes in pixels)."""
+
+    root: str = "datasets/coco"  # a dataset folder, a YOLO data.yaml, or shapes-det
+    train: Union[SplitPaths, None] = None  # {images: DIR, annotations: FILE}: takes the place of root's split
+    val: Union[SplitPaths, None] = None
+    test: Union[SplitPaths, None] = None
     scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
     max_size: int = 1333
     crop: Union[list[int], None] = field(default_factory=lambda: [384, 600])  # random crop side range; null: none
     crop_prob: float = 0.5
     hflip: float = 0.5
     category_ids: Union[list[int], None] = None  # the classes, as annotation category ids; null: all in the file
-    skip_invalid: bool = False  # drop (and count) invalid boxes and unknown categories instead of failing
+    skip_invalid: bool = False  # drop (and count) invalid boxes, labels and images instead of failing
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
@@ -146,22 +167,43 @@ class Task:
         self.output_dir: Path | None = None  # where evaluation writes predictions and plots
         self.outputs: dict = {}  # files the last evaluation wrote
         self._datasets: dict = {}
+        self._data: DetectionData | None = None
+        self._noted_missing = False  # classes without validation ground truth are named once
         self._criterion: SetCriterion | None = None  # built on first use, when the classes are known
+
+    def data(self) -> DetectionData:
+        """The recipe's dataset: its format and splits (read once; YOLO and VOC converted here)."""
+        if self._data is None:
+            data = self.recipe.data
+            paths = {split: vars(getattr(data, split)) for split in SPLITS if getattr(data, split) is not None}
+            root = None if {"train", "val"} <= set(paths) else data_root(data.root)
+            self._data = find_detection_data(root, paths, data.skip_invalid)
+        return self._data
 
     def dataset(self, split: str) -> CocoDetection:
         if split in self._datasets:
             return self._datasets[split]
         data = self.recipe.data
-        image_dir, ann_file = coco_split_paths(data_root(data.root), split)
+        source = self.data().split(split)
         transform = DetectionTransform(split == "train", scales=data.scales, max_size=data.max_size, crop=data.crop,
                                        crop_prob=data.crop_prob, hflip=data.hflip, mean=data.mean, std=data.std)
-        dataset = CocoDetection(image_dir, ann_file, transform, category_ids=data.category_ids,
-                                skip_invalid=data.skip_invalid)
+        # a split without some class (val often lacks a rare one) still gets the model's classes, by name
+        dataset = CocoDetection(source.images, source.ann_file, transform, category_ids=data.category_ids,
+                                skip_invalid=data.skip_invalid, annotations=source.annotations,
+                                classes=self.classes if data.category_ids is None else None)
+        for reason, count in source.skipped.items():
+            dataset.skipped[reason] = dataset.skipped.get(reason, 0) + count
         if any(dataset.skipped.values()):
-            print(f"dfx: {ann_file}: {dataset.skip_summary()}", file=sys.stderr, flush=True)
+            print(f"dfx: {dataset.skip_summary()}", file=sys.stderr, flush=True)
         self.classes = agreed_classes(self.classes, dataset.classes, data.root, "; set data.category_ids")
         self._datasets[split] = dataset
         return dataset
+
+    def data_summary(self) -> str:
+        """One line on the data training reads: format, classes, images and boxes per split."""
+        from dfx.data.check import summary_line
+
+        return summary_line(self.data(), {split: self.dataset(split) for split in ("train", "val")})
 
     def build_model(self) -> DeformableDETR:
         if self.classes is None:
@@ -244,11 +286,16 @@ class Evaluator:
         return {"results": self.results}
 
     def summarize(self, states: list[dict]) -> dict:
-        from dfx.data.coco_eval import class_ap, run_cocoeval
+        from dfx.data.coco_eval import class_ap, run_cocoeval, without_ground_truth
 
         results = [r for s in states for r in s["results"]]
         metrics, cocoeval = run_cocoeval(self.dataset.coco, results)
         metrics.update({f"AP/{name}": value for name, value in class_ap(cocoeval).items()})
+        missing = without_ground_truth(cocoeval)
+        if missing and not self.task._noted_missing and _is_main():
+            self.task._noted_missing = True
+            print(f"dfx: no validation ground truth for {', '.join(missing)}: no per-class AP for them",
+                  file=sys.stderr, flush=True)
         if self.task.output_dir is not None and _is_main():
             self.task.outputs = self._write(results, cocoeval)
         return metrics
@@ -264,6 +311,9 @@ class Evaluator:
         folder.mkdir(parents=True, exist_ok=True)
         files = {"predictions": folder / "predictions.json", "annotations": Path(self.dataset.ann_file)}
         write_results(files["predictions"], results)
+        if self.dataset.converted:  # YOLO / VOC: the COCO ground truth the predictions were scored against
+            files["annotations"] = folder / "annotations.json"
+            write_text_atomic(files["annotations"], json.dumps(self.dataset.coco.dataset))
         plot_pr_curve(cocoeval, folder / "pr_curve.png")
         files["pr_curve"] = folder / "pr_curve.png"
         if self.drawn:

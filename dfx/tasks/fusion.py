@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Union
@@ -391,7 +392,9 @@ def compare(recipe: str | Path, strategies: str | list[str], overrides: Iterable
     overrides = list(overrides)
     recipes = {s: _load(recipe, [*overrides, f"model.fusion={s}"]) for s in names}  # all checked before training
     rows, models = [], {}
-    for strategy, resolved in recipes.items():
+    for number, (strategy, resolved) in enumerate(recipes.items(), 1):
+        if not quiet:  # each training shows its own bar; this line says where the comparison is
+            print(f"dfx: fuse --compare: strategy {number}/{len(recipes)}: {strategy}", file=sys.stderr, flush=True)
         resolved.name = f"{resolved.name}-{strategy}"
         result = train(resolved, out=Path(out) / strategy if out else None, device=device, quiet=quiet)
         metrics = result["metrics"]
@@ -404,7 +407,7 @@ def compare(recipe: str | Path, strategies: str | list[str], overrides: Iterable
     first = next(iter(recipes.values()))
     example = torch.randn(1, len(first.data.modalities), 3, *first.data.size, device=dev)
     models = {name: model.to(dev) for name, model in models.items()}
-    times = compare_latency(models, example, warmup=3, repeats=latency_repeats)
+    times = compare_latency(models, example, warmup=3, repeats=latency_repeats, progress=not quiet)
     for row in rows:
         model = models[row["fusion"]]
         row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
