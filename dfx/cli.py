@@ -320,7 +320,7 @@ def data_check(
     report: dict = {}
 
     def work() -> dict:
-        from dfx.data.check import check_data
+        from dfx.data_check import check_data
 
         report.update(check_data(target, items, decode=not no_decode, progress=not (quiet or json_out)))
         return report

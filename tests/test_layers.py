@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dfx"
 METHODS = ("dfx.detection", "dfx.fusion", "dfx.cluster", "dfx.distill", "dfx.ops")
 LEAVES = ("dfx.errors", "dfx.files", "dfx.measure", "dfx.hub")
 ABOVE_METHODS = ("dfx.cli", "dfx.tasks", "dfx.engine", "dfx.recipe", "dfx.models", "dfx.bench", "dfx.compare",
-                 "dfx.cluster_report", "dfx.data", "dfx.weights")
+                 "dfx.cluster_report", "dfx.data_check", "dfx.data", "dfx.weights")
 
 
 def module_name(path: Path) -> str:

@@ -306,3 +306,12 @@ def _read_voc(root: Path, image_id: str) -> dict:
         objects.append(((obj.findtext("name") or "").strip(), [x0 - 1, y0 - 1, x1 - x0 + 1, y1 - y0 + 1],
                         (obj.findtext("difficult") or "0").strip() == "1"))
     return {"file_name": file_name, "width": width, "height": height, "objects": objects}
+
+
+def summary_line(data: DetectionData, datasets: dict[str, "CocoDetection"]) -> str:
+    """``data: ROOT (FORMAT), K classes; train N images / M boxes; val ...`` for the start of training."""
+    train = next(iter(datasets.values()))
+    parts = [f"{name} {len(d)} images / {sum(len(d.targets[i][1]) for i in d.ids)} boxes"
+             for name, d in datasets.items()]
+    where = data.root if data.root is not None else "explicit paths"
+    return f"dfx: data {where} ({data.format}), {train.num_classes} classes; " + "; ".join(parts)

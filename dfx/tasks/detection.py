@@ -201,7 +201,7 @@ class Task:
 
     def data_summary(self) -> str:
         """One line on the data training reads: format, classes, images and boxes per split."""
-        from dfx.data.check import summary_line
+        from dfx.data.formats import summary_line
 
         return summary_line(self.data(), {split: self.dataset(split) for split in ("train", "val")})
 

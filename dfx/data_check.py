@@ -34,7 +34,7 @@ def detection_recipe(target: str | Path | None, overrides=()):
 
 
 def check_data(target: str | Path | None, overrides=(), decode: bool = True, progress: bool = True) -> dict:
-    """The report of :mod:`dfx.data.check` as a dict; ``ok`` is False when training would fail.
+    """The report of :mod:`dfx.data_check` as a dict; ``ok`` is False when training would fail.
 
     ``decode``: decode every image (slow on large datasets; without it only files that are missing
     or not images are found).
@@ -157,12 +157,3 @@ def _split_report(split: str, dataset: CocoDetection, converted: dict, decode: b
              "image_sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common(5)},
              "image_dir": str(dataset.image_dir), "annotations": str(dataset.ann_file)}
     return stats, problems
-
-
-def summary_line(data: DetectionData, datasets: dict[str, CocoDetection]) -> str:
-    """``data: ROOT (FORMAT), K classes; train N images / M boxes; val ...`` for the start of training."""
-    train = next(iter(datasets.values()))
-    parts = [f"{name} {len(d)} images / {sum(len(d.targets[i][1]) for i in d.ids)} boxes"
-             for name, d in datasets.items()]
-    where = data.root if data.root is not None else "explicit paths"
-    return f"dfx: data {where} ({data.format}), {train.num_classes} classes; " + "; ".join(parts)
