@@ -407,6 +407,59 @@ def fuse(
     run(work, json_out=json_out, debug=debug, show=show)
 
 
+@app.command()
+def predict(
+    weights: str = typer.Argument(..., metavar="WEIGHTS",
+                                  help="A run directory, a dfx checkpoint, or a recipe with model.weights=FILE among "
+                                       "the overrides."),
+    sources: Optional[List[str]] = typer.Argument(None, metavar="SOURCE... [a.b=c ...]",
+                                                  help="Image files, folders or globs (quote globs); recipe overrides "
+                                                       "may follow."),
+    modality: Optional[List[str]] = typer.Option(None, "--modality", metavar="NAME=SOURCE",
+                                                 help="Fusion: the files of another modality, e.g. depth=scans/ "
+                                                      "(SOURCE is the first of data.modalities)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/predict/<name>[-N])."),
+    conf: Optional[float] = typer.Option(None, "--conf", metavar="T",
+                                         help="Detection: keep boxes scoring >= T (default 0.25). Segmentation: "
+                                              "pixels below T get 255. Classification: list classes >= T."),
+    batch: int = typer.Option(4, "--batch", help="Images per forward pass."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Run a trained model on images: pictures, COCO results / label maps and one JSON line per image."""
+    items = list(sources or [])
+    overrides = [s for s in items if "=" in s and not Path(s).exists()]
+    paths = [s for s in items if s not in overrides]
+
+    def work() -> dict:
+        from dfx.predict import predict as run_predict
+
+        others: dict[str, list[str]] = {}
+        for item in modality or []:
+            name, sep, source = item.partition("=")
+            if not sep or not name or not source:
+                raise UsageError(f"--modality {item!r}: expected NAME=SOURCE, e.g. --modality depth=scans/")
+            others.setdefault(name, []).append(source)
+        return run_predict(weights, paths, modalities=others, out=out_dir, conf=conf, batch=batch,
+                           overrides=overrides, device=device, quiet=quiet or json_out)
+
+    def show(result: dict) -> None:
+        counts = f"{result['images']} images"
+        if "detections" in result:
+            counts += f", {result['detections']} detections (score >= {result['conf']:g})"
+        if result["skipped"]:
+            names = ", ".join(Path(s["file"]).name for s in result["skipped_files"][:5])
+            counts += f"; skipped {result['skipped']} ({names}{', ...' if result['skipped'] > 5 else ''})"
+        out.print(f"{counts} in {result['elapsed_s']:.1f} s -> {result['out']}", highlight=False)
+        for key in ("predictions", "results", "labels", "images"):
+            if key in result:
+                out.print(f"{key}: {result[key]}", highlight=False)
+
+    run(work, json_out=json_out, debug=debug, show=show)
+
+
 def main() -> None:
     # Idle OpenMP threads sleep instead of spinning: on small or shared machines (and next to
     # data-loader workers) spinning threads stall every kernel. Must be set before torch loads.
