@@ -460,6 +460,52 @@ def predict(
     run(work, json_out=json_out, debug=debug, show=show)
 
 
+@app.command()
+def export(
+    weights: str = typer.Argument(..., metavar="WEIGHTS",
+                                  help="A run directory, a dfx checkpoint, or a recipe with model.weights=FILE among "
+                                       "the overrides."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides: section.key=value ..."),
+    format: str = typer.Option("onnx", "--format", help="Output format: onnx."),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Leave the batch size free in the graph."),
+    image: Optional[Path] = typer.Option(None, "--image", help="A real image to trace with and check on (default: "
+                                                               "seeded noise)."),
+    modality: Optional[List[str]] = typer.Option(None, "--modality", metavar="NAME=FILE",
+                                                 help="Fusion: the other modalities' files of --image."),
+    image_size: Optional[List[int]] = typer.Option(None, "--image-size", metavar="S",
+                                                   help="Input size, once (square) or twice (H then W); default "
+                                                        "from the recipe."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="model.onnx file or folder (default "
+                                                               "runs/export/<name>[-N]/model.onnx)."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Export a trained model to ONNX and check it with onnxruntime against PyTorch."""
+
+    def work() -> dict:
+        from dfx.export import export as run_export
+
+        others = {}
+        for item in modality or []:
+            name, sep, source = item.partition("=")
+            if not sep or not name or not source:
+                raise UsageError(f"--modality {item!r}: expected NAME=FILE, e.g. --modality depth=scan.png")
+            others[name] = source
+        return run_export(weights, format=format, out=out_dir, dynamic_batch=dynamic_batch, image=image,
+                          modalities=others, image_size=image_size, overrides=overrides or [])
+
+    def show(result: dict) -> None:
+        check = result["check"]
+        shapes = ", ".join(f"{k} {v}" for k, v in result["inputs"].items())
+        out.print(f"{result['file']} ({result['size_mb']:.1f} MB, opset {result['opset']}; inputs {shapes}"
+                  f"{', batch dynamic' if result['dynamic_batch'] else ''})", highlight=False)
+        diffs = ", ".join(f"{k} {v:.2e}" for k, v in check["per_output"].items())
+        out.print(f"onnxruntime vs PyTorch on {check['input']}: max |diff| {diffs} (tolerance {check['tolerance']:g}): "
+                  f"{'ok' if check['passed'] else 'FAILED'}", highlight=False)
+
+    run(work, json_out=json_out, debug=debug, show=show)
+
+
 def main() -> None:
     # Idle OpenMP threads sleep instead of spinning: on small or shared machines (and next to
     # data-loader workers) spinning threads stall every kernel. Must be set before torch loads.
