@@ -453,7 +453,7 @@ def predict(
             names = ", ".join(Path(s["file"]).name for s in result["skipped_files"][:5])
             counts += f"; skipped {result['skipped']} ({names}{', ...' if result['skipped'] > 5 else ''})"
         out.print(f"{counts} in {result['elapsed_s']:.1f} s -> {result['out']}", highlight=False)
-        for key in ("predictions", "results", "labels", "images"):
+        for key in ("predictions", "results", "labels", "pictures"):
             if key in result:
                 out.print(f"{key}: {result[key]}", highlight=False)
 

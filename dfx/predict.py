@@ -350,7 +350,7 @@ def predict(weights: str | os.PathLike, sources: list[str], *, modalities: dict[
                 done += len(chunk)
             progress.advance(len(samples[start:start + batch]))
     progress.close()
-    files = {"results": str(lines), "images": str(folder / "images"), **predictor.finish()}
+    files = {"results": str(lines), "pictures": str(folder / "images"), **predictor.finish()}
     if recipe.task in ("segmentation", "fusion"):
         files["labels"] = str(folder / "labels")
     summary = {"task": recipe.task, "out": str(folder), "images": done, "skipped": len(skipped),
