@@ -34,6 +34,7 @@ err = Console(stderr=True)
 JSON_HELP = "Print exactly one JSON object on stdout; logs go to stderr."
 DEBUG_HELP = "Show the full traceback on errors."
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+WEIGHTS_HELP = "A run directory, a dfx checkpoint, or a recipe with model.weights=FILE among the overrides."
 CLUSTER_RATIO_HELP = "Expedit token clustering: share of the patch tokens kept after block L, in (0, 1]."
 ALPHA_HELP = "Blocks run at full resolution before clustering, 1..depth (default 40% of the depth)."
 
@@ -190,9 +191,7 @@ def eval_(
     def show(result: dict) -> None:
         epoch = f" (epoch {result['epoch']})" if result.get("epoch") is not None else ""
         out.print(_metrics_table(f"{result['checkpoint']}{epoch}", result["metrics"]))
-        for key in ("predictions", "annotations", "pr_curve", "picture"):
-            if key in result:
-                out.print(f"{key}: {result[key]}", highlight=False)
+        _print_files(result, ("predictions", "annotations", "pr_curve", "picture"))
 
     run(work, json_out=json_out, debug=debug, show=show)
 
@@ -233,6 +232,23 @@ def bench(
         out.print(_metrics_table(title, result))
 
     run(work, json_out=json_out, debug=debug, show=show)
+
+
+def _print_files(result: dict, keys) -> None:
+    for key in keys:
+        if key in result:
+            out.print(f"{key}: {result[key]}", highlight=False)
+
+
+def _modality_options(items: Optional[List[str]]) -> list[tuple[str, str]]:
+    """``--modality NAME=SOURCE`` values as (name, source) pairs."""
+    pairs = []
+    for item in items or []:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise UsageError(f"--modality {item!r}: expected NAME=SOURCE, e.g. --modality depth=scans/")
+        pairs.append((name, source))
+    return pairs
 
 
 def _side_by_side(title: str, result: dict, keys) -> Table:
@@ -409,9 +425,7 @@ def fuse(
 
 @app.command()
 def predict(
-    weights: str = typer.Argument(..., metavar="WEIGHTS",
-                                  help="A run directory, a dfx checkpoint, or a recipe with model.weights=FILE among "
-                                       "the overrides."),
+    weights: str = typer.Argument(..., metavar="WEIGHTS", help=WEIGHTS_HELP),
     sources: Optional[List[str]] = typer.Argument(None, metavar="SOURCE... [a.b=c ...]",
                                                   help="Image files, folders or globs (quote globs); recipe overrides "
                                                        "may follow."),
@@ -437,10 +451,7 @@ def predict(
         from dfx.predict import predict as run_predict
 
         others: dict[str, list[str]] = {}
-        for item in modality or []:
-            name, sep, source = item.partition("=")
-            if not sep or not name or not source:
-                raise UsageError(f"--modality {item!r}: expected NAME=SOURCE, e.g. --modality depth=scans/")
+        for name, source in _modality_options(modality):
             others.setdefault(name, []).append(source)
         return run_predict(weights, paths, modalities=others, out=out_dir, conf=conf, batch=batch,
                            overrides=overrides, device=device, quiet=quiet or json_out)
@@ -453,18 +464,14 @@ def predict(
             names = ", ".join(Path(s["file"]).name for s in result["skipped_files"][:5])
             counts += f"; skipped {result['skipped']} ({names}{', ...' if result['skipped'] > 5 else ''})"
         out.print(f"{counts} in {result['elapsed_s']:.1f} s -> {result['out']}", highlight=False)
-        for key in ("predictions", "results", "labels", "pictures"):
-            if key in result:
-                out.print(f"{key}: {result[key]}", highlight=False)
+        _print_files(result, ("predictions", "results", "labels", "pictures"))
 
     run(work, json_out=json_out, debug=debug, show=show)
 
 
 @app.command()
 def export(
-    weights: str = typer.Argument(..., metavar="WEIGHTS",
-                                  help="A run directory, a dfx checkpoint, or a recipe with model.weights=FILE among "
-                                       "the overrides."),
+    weights: str = typer.Argument(..., metavar="WEIGHTS", help=WEIGHTS_HELP),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides: section.key=value ..."),
     format: str = typer.Option("onnx", "--format", help="Output format: onnx."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Leave the batch size free in the graph."),
@@ -485,12 +492,7 @@ def export(
     def work() -> dict:
         from dfx.export import export as run_export
 
-        others = {}
-        for item in modality or []:
-            name, sep, source = item.partition("=")
-            if not sep or not name or not source:
-                raise UsageError(f"--modality {item!r}: expected NAME=FILE, e.g. --modality depth=scan.png")
-            others[name] = source
+        others = dict(_modality_options(modality))
         return run_export(weights, format=format, out=out_dir, dynamic_batch=dynamic_batch, image=image,
                           modalities=others, image_size=image_size, overrides=overrides or [])
 

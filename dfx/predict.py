@@ -278,7 +278,7 @@ def draw_boxes(picture: np.ndarray, detections: list[dict], classes: list[str]) 
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
         text = f"{d['class']} {d['score']:.2f}"
         left, top, right, bottom = draw.textbbox((x0, y0), text, font_size=font_size)
-        lift = bottom - top + 2
+        lift = bottom - top + 2 if y0 >= bottom - top + 2 else 0  # above the box, inside it at the top edge
         draw.rectangle((left, top - lift, right + 2, bottom - lift), fill=colour)
         draw.text((x0 + 1, y0 - lift), text, fill=(255, 255, 255), font_size=font_size)
     return image
