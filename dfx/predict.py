@@ -125,7 +125,7 @@ class DetectionPredictor(Predictor):
         data = recipe.data
         self.transform = DetectionTransform(False, scales=data.scales, max_size=data.max_size, mean=data.mean,
                                             std=data.std)
-        self.category_ids = list(data.category_ids or range(len(classes)))
+        self.category_ids = list(getattr(data, "category_ids", None) or range(len(classes)))
         self.results: list[dict] = []
 
     def load(self, paths):

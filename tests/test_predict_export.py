@@ -188,3 +188,46 @@ def test_export_classification_and_segmentation(tmp_path):
         session = onnxruntime.InferenceSession(result["file"])
         assert list(session.run(None, {"images": np.zeros([2, *result["inputs"]["images"][1:]], np.float32)})[0]
                     .shape) == logits
+
+
+@pytest.mark.slow
+@needs_data
+def test_predict_classification_and_segmentation_on_a_photo(tmp_path):
+    from dfx.predict import predict
+
+    photo = sorted(CHESS.glob("*.jpg"))[0]
+    weights = checkpoint(tmp_path, "cls-shapes.yaml", "model.num_classes=6")
+    result = predict(weights, [str(photo)], conf=0.0, quiet=True)
+    line = json.loads(Path(result["results"]).read_text())
+    scores = [t["score"] for t in line["top"]]
+    assert len(scores) == 5 and scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-6
+    assert Image.open(Path(result["pictures"]) / f"{photo.stem}.jpg").size == (2048, 1371)
+
+    weights = checkpoint(tmp_path, "segmenter-shapes.yaml", "model.num_classes=6")
+    everything = predict(weights, [str(photo)], quiet=True)
+    confident = predict(weights, [str(photo)], conf=0.5, quiet=True)
+    full, part = (np.asarray(Image.open(Path(r["labels"]) / f"{photo.stem}.png")) for r in (everything, confident))
+    assert full.shape == (1371, 2048) and full.max() < 6  # every pixel labelled at conf 0
+    # a random 6-class model is rarely 50% sure: those pixels become 255, the others keep their class
+    assert (part == 255).any() and (part[part != 255] == full[part != 255]).all()
+
+
+def test_fusion_files_pair_by_name_else_in_sorted_order():
+    from dfx.predict import pair_modalities
+
+    rgb = [Path("a/1.png"), Path("a/2.png")]
+    assert pair_modalities(rgb, {"depth": [Path("d/2.png"), Path("d/1.png")]}, ["rgb", "depth"]) == \
+        [[Path("a/1.png"), Path("d/1.png")], [Path("a/2.png"), Path("d/2.png")]]
+    assert pair_modalities(rgb, {"depth": [Path("d/x.png"), Path("d/y.png")]}, ["rgb", "depth"])[1][1] == Path("d/y.png")
+    with pytest.raises(UsageError, match="--modality depth: 1 files for 2 rgb images"):
+        pair_modalities(rgb, {"depth": [Path("d/x.png")]}, ["rgb", "depth"])
+
+
+def test_export_without_onnx_says_how_to_install(monkeypatch):
+    import sys
+
+    from dfx.export import require_onnx
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(UsageError, match=r'pip install "dfx\[export\]"'):
+        require_onnx()
