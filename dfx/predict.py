@@ -50,6 +50,7 @@ def read_image(path: Path) -> Image.Image:
 def collect_files(sources: Iterable[str | os.PathLike]) -> list[Path]:
     """Files named by ``sources`` (files, folders: every file in them, globs), in order, without repeats."""
     files: list[Path] = []
+    seen: set[Path] = set()
     for source in sources:
         path = Path(source).expanduser()
         if path.is_dir():
@@ -64,7 +65,8 @@ def collect_files(sources: Iterable[str | os.PathLike]) -> list[Path]:
             what = "is an empty folder" if path.is_dir() else "matches no file" if found is not None else \
                 "does not exist"
             raise UsageError(f"SOURCE {source}: {what}; pass image files, folders or globs such as 'photos/*.jpg'")
-        files += [f for f in found if f not in files]
+        files += [f for f in found if f not in seen]
+        seen.update(found)
     return files
 
 
@@ -332,7 +334,7 @@ def predict(weights: str | os.PathLike, sources: list[str], *, modalities: dict[
             for paths in samples[start:start + batch]:
                 try:
                     picture, tensor = predictor.load(paths)
-                except (OSError, UnidentifiedImageError, ValueError, UsageError) as e:
+                except (OSError, ValueError, UsageError, Image.DecompressionBombError) as e:
                     reason = _reason(paths, e)
                     skipped.append({"file": str(paths[0]), "reason": reason})
                     print(f"dfx predict: skipped {paths[0]}: {reason}", file=sys.stderr, flush=True)
