@@ -54,7 +54,7 @@ class DetectionGraph(nn.Module):
 
     def forward(self, images, mask):
         out = self.model(images, mask)
-        return out["pred_logits"], out["pred_boxes"]
+        return out["pred_logits"].float(), out["pred_boxes"].float()  # float32 even where the exporter promoted
 
 
 class FusionGraph(nn.Module):

@@ -231,3 +231,30 @@ def test_export_without_onnx_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(UsageError, match=r'pip install "dfx\[export\]"'):
         require_onnx()
+
+
+@needs_onnx
+def test_exported_deformable_attention_runs_in_onnxruntime_with_float64_locations(tmp_path):
+    """The exporter folds some float32 constants to float64 (linspace in the encoder's reference
+    points at full size); GridSample in onnxruntime takes one dtype, so the op casts to value's."""
+    import onnxruntime
+
+    from dfx.ops import ms_deform_attn
+
+    shapes = torch.tensor([[6, 5], [3, 3]])
+
+    class Attention(torch.nn.Module):
+        def forward(self, value, locations, weights):
+            return ms_deform_attn(value, shapes, locations.double(), weights)
+
+    generator = torch.Generator().manual_seed(0)
+    value = torch.randn(2, 39, 2, 4, generator=generator)
+    locations = torch.rand(2, 7, 2, 2, 3, 2, generator=generator) * 1.2 - 0.1
+    weights = torch.rand(2, 7, 2, 2, 3, generator=generator)
+    path = tmp_path / "attention.onnx"
+    torch.onnx.export(Attention(), (value, locations, weights), str(path), dynamo=False, opset_version=17,
+                      input_names=["value", "locations", "weights"])
+    got = onnxruntime.InferenceSession(str(path)).run(None, {"value": value.numpy(), "locations": locations.numpy(),
+                                                             "weights": weights.numpy()})[0]
+    expected = ms_deform_attn(value, shapes, locations, weights)
+    assert got.dtype == np.float32 and np.abs(got - expected.numpy()).max() < 1e-5

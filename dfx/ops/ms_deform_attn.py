@@ -107,7 +107,10 @@ def ms_deform_attn_grid_sample(value: Tensor, level_sizes: list[tuple[int, int]]
     """
     _, _, heads, head_dim = value.shape
     num_queries, points = sampling_locations.shape[1], sampling_locations.shape[4]
-    grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] frame
+    # the TorchScript exporter folds some float32 constants (linspace) to float64: cast back, as
+    # onnxruntime's GridSample takes one dtype (a no-op outside export)
+    grids = (2 * sampling_locations - 1).to(value.dtype)  # grid_sample's [-1, 1] frame
+    attention_weights = attention_weights.to(value.dtype)
     maps = value.split([h * w for h, w in level_sizes], dim=1)
     out = 0
     # -1 for the batch x heads dimension: arithmetic on traced sizes would freeze the batch size
