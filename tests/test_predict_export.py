@@ -234,6 +234,7 @@ def test_export_without_onnx_says_how_to_install(monkeypatch):
 
 
 @needs_onnx
+@pytest.mark.filterwarnings("ignore")  # the tracer's notes on frozen Python values
 def test_exported_deformable_attention_runs_in_onnxruntime_with_float64_locations(tmp_path):
     """The exporter folds some float32 constants to float64 (linspace in the encoder's reference
     points at full size); GridSample in onnxruntime takes one dtype, so the op casts to value's."""
