@@ -158,9 +158,10 @@ def export(weights: str | os.PathLike, *, format: str = "onnx", out: str | os.Pa
     names, inputs, source = example_inputs(recipe, size, image, modalities)
     outputs = ["pred_logits", "pred_boxes"] if recipe.task == "detection" else ["logits"]
     path = Path(out) if out is not None and Path(out).suffix == ".onnx" else \
-        new_run_dir("export", recipe.name, out) / "model.onnx"
+        new_run_dir("export", recipe.name, out, resumable=False) / "model.onnx"
     if path.exists():
         raise UsageError(f"--out {path}: already exists; choose another file")
+    path.parent.mkdir(parents=True, exist_ok=True)
     dynamic = {name: {0: "batch"} for name in names + outputs} if dynamic_batch else None
     t0 = time.perf_counter()
     with warnings.catch_warnings(), torch.no_grad():

@@ -318,7 +318,7 @@ def predict(weights: str | os.PathLike, sources: list[str], *, modalities: dict[
     samples = _samples(recipe, sources, modalities or {})
     device = D.resolve_device(device)
     model.to(device)
-    folder = new_run_dir("predict", recipe.name, out)
+    folder = new_run_dir("predict", recipe.name, out, resumable=False)
     (folder / "images").mkdir()
     if recipe.task in ("segmentation", "fusion"):
         (folder / "labels").mkdir()

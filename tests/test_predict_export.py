@@ -130,6 +130,12 @@ def test_predict_bad_input(detector, tmp_path):
         from dfx.predict import predict
 
         predict(detector, [str(tmp_path)], conf=2.0)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="already exists and is not empty; choose another --out"):
+        predict(detector, [str(taken / "keep.txt")], out=taken)
+    assert (taken / "keep.txt").read_text() == "mine" and not Path("runs").exists()
 
 
 needs_onnx = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")),
