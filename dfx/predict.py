@@ -328,30 +328,21 @@ def predict(weights: str | os.PathLike, sources: list[str], *, modalities: dict[
     done, t0 = 0, time.perf_counter()
     progress = ItemProgress(len(samples), "predict", enabled=not quiet)
     lines = folder / "predictions.jsonl"
-    with lines.open("w") as stream, torch.inference_mode():
-        for start in range(0, len(samples), batch):
-            chunk, pictures, inputs = [], [], []
-            for paths in samples[start:start + batch]:
-                try:
-                    picture, tensor = predictor.load(paths)
-                except (OSError, ValueError, UsageError, Image.DecompressionBombError) as e:
-                    reason = _reason(paths, e)
-                    skipped.append({"file": str(paths[0]), "reason": reason})
-                    print(f"dfx predict: skipped {paths[0]}: {reason}", file=sys.stderr, flush=True)
-                    continue
-                chunk.append(paths)
-                pictures.append(picture)
-                inputs.append(tensor)
-            if chunk:
-                outputs = predictor.run(model, inputs, pictures, device)
-                for paths, picture, output in zip(chunk, pictures, outputs):
-                    line = {"file": str(paths[0]), "width": picture.shape[1], "height": picture.shape[0],
-                            **predictor.write(paths, picture, output)}
-                    stream.write(json.dumps(line) + "\n")
-                stream.flush()
-                done += len(chunk)
-            progress.advance(len(samples[start:start + batch]))
-    progress.close()
+    try:
+        with lines.open("w") as stream, torch.inference_mode():
+            for start in range(0, len(samples), batch):
+                chunk, pictures, inputs = _read_batch(predictor, samples[start:start + batch], skipped)
+                if chunk:
+                    outputs = predictor.run(model, inputs, pictures, device)
+                    for paths, picture, output in zip(chunk, pictures, outputs):
+                        line = {"file": str(paths[0]), "width": picture.shape[1], "height": picture.shape[0],
+                                **predictor.write(paths, picture, output)}
+                        stream.write(json.dumps(line) + "\n")
+                    stream.flush()
+                    done += len(chunk)
+                progress.advance(len(samples[start:start + batch]))
+    finally:
+        progress.close()
     files = {"results": str(lines), "pictures": str(folder / "images"), **predictor.finish()}
     if recipe.task in ("segmentation", "fusion"):
         files["labels"] = str(folder / "labels")
@@ -360,6 +351,23 @@ def predict(weights: str | os.PathLike, sources: list[str], *, modalities: dict[
     if recipe.task == "detection":
         summary["detections"] = len(predictor.results)
     return summary
+
+
+def _read_batch(predictor: Predictor, samples: list[list[Path]], skipped: list[dict]):
+    """(paths, pictures, input tensors) of the readable samples; the others are named and added to ``skipped``."""
+    chunk, pictures, inputs = [], [], []
+    for paths in samples:
+        try:
+            picture, tensor = predictor.load(paths)
+        except (OSError, ValueError, UsageError, Image.DecompressionBombError) as e:
+            reason = _reason(paths, e)
+            skipped.append({"file": str(paths[0]), "reason": reason})
+            print(f"dfx predict: skipped {paths[0]}: {reason}", file=sys.stderr, flush=True)
+            continue
+        chunk.append(paths)
+        pictures.append(picture)
+        inputs.append(tensor)
+    return chunk, pictures, inputs
 
 
 def _samples(recipe, sources: list[str], modalities: dict[str, list[str]]) -> list[list[Path]]:
