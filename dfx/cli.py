@@ -44,6 +44,7 @@ err = Console(stderr=True)
 JSON_HELP = "Print exactly one JSON object on stdout; logs go to stderr."
 DEBUG_HELP = "Show the full traceback on errors."
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+WEIGHTS_HELP = "A run directory, a dfx checkpoint, or a recipe with model.weights=FILE among the overrides."
 CLUSTER_RATIO_HELP = "Expedit token clustering: share of the patch tokens kept after block L, in (0, 1]."
 ALPHA_HELP = "Blocks run at full resolution before clustering, 1..depth (default 40% of the depth)."
 
@@ -289,9 +290,8 @@ def eval_(
         if result.get("no_ground_truth"):
             out.print(f"no ground truth (no per-class AP): {', '.join(result['no_ground_truth'])}", markup=False,
                       highlight=False)
-        for key in ("predictions", "annotations", "pr_curve", "picture"):
-            if key in result and "detections" not in result:
-                out.print(f"{key}: {result[key]}", markup=False, highlight=False)
+        if "detections" not in result:
+            _print_files(result, ("predictions", "annotations", "pr_curve", "picture"))
 
     run(work, json_out=json_out, debug=debug, show=show)
 
@@ -388,6 +388,23 @@ def bench(
         out.print(_metrics_table(title, result))
 
     run(work, json_out=json_out, debug=debug, show=show)
+
+
+def _print_files(result: dict, keys) -> None:
+    for key in keys:
+        if key in result:
+            out.print(f"{key}: {result[key]}", markup=False, highlight=False)
+
+
+def _modality_options(items: Optional[List[str]]) -> list[tuple[str, str]]:
+    """``--modality NAME=SOURCE`` values as (name, source) pairs."""
+    pairs = []
+    for item in items or []:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise UsageError(f"--modality {item!r}: expected NAME=SOURCE, e.g. --modality depth=scans/")
+        pairs.append((name, source))
+    return pairs
 
 
 def _side_by_side(title: str, result: dict, keys) -> Table:
@@ -607,6 +624,91 @@ def compare(
         print(markdown(result))
         print("\n".join(result["readings"]))
         print(f"saved in {result['dir']}/compare.{{json,csv,md,png}}")
+
+    run(work, json_out=json_out, debug=debug, show=show)
+
+
+@app.command()
+def predict(
+    weights: str = typer.Argument(..., metavar="WEIGHTS", help=WEIGHTS_HELP),
+    sources: Optional[List[str]] = typer.Argument(None, metavar="SOURCE... [a.b=c ...]",
+                                                  help="Image files, folders or globs (quote globs); recipe overrides "
+                                                       "may follow."),
+    modality: Optional[List[str]] = typer.Option(None, "--modality", metavar="NAME=SOURCE",
+                                                 help="Fusion: the files of another modality, e.g. depth=scans/ "
+                                                      "(SOURCE is the first of data.modalities)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/predict/<name>[-N])."),
+    conf: Optional[float] = typer.Option(None, "--conf", metavar="T",
+                                         help="Detection: keep boxes scoring >= T (default 0.25). Segmentation: "
+                                              "pixels below T get 255. Classification: list classes >= T."),
+    batch: int = typer.Option(4, "--batch", help="Images per forward pass."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Run a trained model on images: pictures, COCO results / label maps and one JSON line per image."""
+    items = list(sources or [])
+    overrides = [s for s in items if "=" in s and not Path(s).exists()]
+    paths = [s for s in items if s not in overrides]
+
+    def work() -> dict:
+        from dfx.predict import predict as run_predict
+
+        others: dict[str, list[str]] = {}
+        for name, source in _modality_options(modality):
+            others.setdefault(name, []).append(source)
+        return run_predict(weights, paths, modalities=others, out=out_dir, conf=conf, batch=batch,
+                           overrides=overrides, device=device, quiet=quiet or json_out)
+
+    def show(result: dict) -> None:
+        counts = f"{result['images']} images"
+        if "detections" in result:
+            counts += f", {result['detections']} detections (score >= {result['conf']:g})"
+        if result["skipped"]:
+            names = ", ".join(Path(s["file"]).name for s in result["skipped_files"][:5])
+            counts += f"; skipped {result['skipped']} ({names}{', ...' if result['skipped'] > 5 else ''})"
+        out.print(f"{counts} in {result['elapsed_s']:.1f} s -> {result['out']}", highlight=False)
+        _print_files(result, ("predictions", "results", "labels", "pictures"))
+
+    run(work, json_out=json_out, debug=debug, show=show)
+
+
+@app.command()
+def export(
+    weights: str = typer.Argument(..., metavar="WEIGHTS", help=WEIGHTS_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides: section.key=value ..."),
+    format: str = typer.Option("onnx", "--format", help="Output format: onnx."),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Leave the batch size free in the graph."),
+    image: Optional[Path] = typer.Option(None, "--image", help="A real image to trace with and check on (default: "
+                                                               "seeded noise)."),
+    modality: Optional[List[str]] = typer.Option(None, "--modality", metavar="NAME=FILE",
+                                                 help="Fusion: the other modalities' files of --image."),
+    image_size: Optional[List[int]] = typer.Option(None, "--image-size", metavar="S",
+                                                   help="Input size, once (square) or twice (H then W); default "
+                                                        "from the recipe."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="model.onnx file or folder (default "
+                                                               "runs/export/<name>[-N]/model.onnx)."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Export a trained model to ONNX and check it with onnxruntime against PyTorch."""
+
+    def work() -> dict:
+        from dfx.export import export as run_export
+
+        others = dict(_modality_options(modality))
+        return run_export(weights, format=format, out=out_dir, dynamic_batch=dynamic_batch, image=image,
+                          modalities=others, image_size=image_size, overrides=overrides or [])
+
+    def show(result: dict) -> None:
+        check = result["check"]
+        shapes = ", ".join(f"{k} {v}" for k, v in result["inputs"].items())
+        out.print(f"{result['file']} ({result['size_mb']:.1f} MB, opset {result['opset']}; inputs {shapes}"
+                  f"{', batch dynamic' if result['dynamic_batch'] else ''})", highlight=False)
+        diffs = ", ".join(f"{k} {v:.2e}" for k, v in check["per_output"].items())
+        out.print(f"onnxruntime vs PyTorch on {check['input']}: max |diff| {diffs} (tolerance {check['tolerance']:g}): "
+                  f"{'ok' if check['passed'] else 'FAILED'}", highlight=False)
 
     run(work, json_out=json_out, debug=debug, show=show)
 

@@ -248,3 +248,23 @@ def test_value_error_when_spatial_shapes_do_not_cover_value():
     value, shapes, locations, weights = _valid()
     with pytest.raises(ValueError, match=r"spatial_shapes \[\(2, 3\), \(2, 2\)\]"):
         ms_deform_attn(value, torch.tensor([[2, 3], [2, 2]]), locations, weights)
+
+
+def test_export_path_matches_explicit_loop_and_is_taken_under_onnx_export(monkeypatch):
+    """The standard-op path ONNX export traces gives the same numbers, and is the one chosen then."""
+    import importlib
+
+    module = importlib.import_module("dfx.ops.ms_deform_attn")
+
+    value, shapes, locations, weights = random_inputs(batch=2, sizes=[(3, 4), (2, 5), (1, 1)], heads=2, head_dim=3,
+                                                      queries=3, points=2)
+    sizes = [tuple(s) for s in shapes.tolist()]
+    expected = explicit_loop(value, shapes, locations, weights)
+    torch.testing.assert_close(module.ms_deform_attn_grid_sample(value, sizes, locations, weights), expected,
+                               rtol=0, atol=1e-12)
+    taken = []
+    original = module.ms_deform_attn_grid_sample
+    monkeypatch.setattr(module, "ms_deform_attn_grid_sample", lambda *a: taken.append(1) or original(*a))
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    torch.testing.assert_close(ms_deform_attn(value, shapes, locations, weights), expected, rtol=0, atol=1e-12)
+    assert taken == [1]

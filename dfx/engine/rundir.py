@@ -18,15 +18,15 @@ RUNS = Path("runs")
 LOCK = ".lock"
 
 
-def new_run_dir(task: str, stem: str, out: str | Path | None = None) -> Path:
-    """Create and return a fresh run directory; never reuses a non-empty one."""
+def new_run_dir(task: str, stem: str, out: str | Path | None = None, resumable: bool = True) -> Path:
+    """Create and return a fresh run directory; never reuses a non-empty one. ``resumable``: the
+    command has ``--resume`` (say so when ``--out`` is taken)."""
     if out is not None:
         out = Path(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UsageError(
-                f"--out {out}: already exists and is not empty; pass --resume {out} to continue that run "
-                "or choose another --out"
-            )
+            fix = f"pass --resume {out} to continue that run or choose another --out" if resumable else \
+                "choose another --out (nothing there is overwritten)"
+            raise UsageError(f"--out {out}: already exists and is not empty; {fix}")
         _mkdir(out, parents=True, exist_ok=True)
         return out
     parent = RUNS / task

@@ -88,11 +88,39 @@ def ms_deform_attn(
         ``value``, ``sampling_locations`` and ``attention_weights``.
     """
     level_sizes = _check_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    if torch.onnx.is_in_onnx_export():  # the custom autograd function has no ONNX form; GridSample does
+        return ms_deform_attn_grid_sample(value, level_sizes, sampling_locations, attention_weights)
     batch, num_queries, heads, _, points, _ = sampling_locations.shape
     layout = _TableLayout.build(level_sizes, batch, num_queries, heads, value.shape[-1], points)
     top_left, frac, weight = _sampling_points(sampling_locations, attention_weights, layout)
     out = _BilinearGatherSum.apply(value, top_left, frac, weight, layout)
     return out.view(batch, num_queries, heads * layout.head_dim)
+
+
+def ms_deform_attn_grid_sample(value: Tensor, level_sizes: list[tuple[int, int]], sampling_locations: Tensor,
+                               attention_weights: Tensor) -> Tensor:
+    """The same result from standard operators only: one ``grid_sample`` per level.
+
+    This is the path ONNX export traces (GridSample, opset >= 16); ``level_sizes`` are Python
+    ints, so the exported graph has the levels' sizes fixed. Slower than :func:`ms_deform_attn`
+    on CPU (it materialises ``[N * M, D, Lq, P]`` per level). Shapes as in :func:`ms_deform_attn`.
+    """
+    _, _, heads, head_dim = value.shape
+    num_queries, points = sampling_locations.shape[1], sampling_locations.shape[4]
+    # the TorchScript exporter folds some float32 constants (linspace) to float64: cast back, as
+    # onnxruntime's GridSample takes one dtype (a no-op outside export)
+    grids = (2 * sampling_locations - 1).to(value.dtype)  # grid_sample's [-1, 1] frame
+    attention_weights = attention_weights.to(value.dtype)
+    maps = value.split([h * w for h, w in level_sizes], dim=1)
+    out = 0
+    # -1 for the batch x heads dimension: arithmetic on traced sizes would freeze the batch size
+    for level, (height, width) in enumerate(level_sizes):
+        level_map = maps[level].permute(0, 2, 3, 1).reshape(-1, head_dim, height, width)
+        grid = grids[:, :, :, level].transpose(1, 2).reshape(-1, num_queries, points, 2)
+        sampled = F.grid_sample(level_map, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        weight = attention_weights[:, :, :, level].transpose(1, 2).reshape(-1, 1, num_queries, points)
+        out = out + (sampled * weight).sum(-1)  # [N * M, D, Lq]
+    return out.reshape(-1, heads * head_dim, num_queries).transpose(1, 2)
 
 
 def _check_inputs(value, spatial_shapes, sampling_locations, attention_weights) -> list[tuple[int, int]]:

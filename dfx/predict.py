@@ -1,0 +1,397 @@
+"""``dfx predict``: run a trained model on image files and write pictures and machine-readable results.
+
+WEIGHTS is a run directory, a dfx checkpoint or a recipe with ``model.weights=`` (dfx.models.build);
+SOURCE is image files, folders or globs. Everything goes to ``runs/predict/<name>[-N]/`` (or ``--out``):
+
+* detection: ``predictions.json`` (COCO results: ``image_id`` = the line's index in
+  ``predictions.jsonl``, ``bbox`` x y w h in the original image's pixels), ``predictions.jsonl`` (one
+  line per image: file, size and ``detections`` with class, score and xyxy box) and ``images/`` (the
+  boxes drawn with class and score);
+* segmentation and fusion: ``labels/<stem>.png`` (uint8 class ids at the original size; 255 where
+  the confidence is below ``conf``), ``images/`` (the classes over the image) and the JSON lines
+  (each class's share of the pixels);
+* classification: the JSON lines (top-5 classes and scores) and ``images/`` (the top class written
+  on the image).
+
+Fusion reads one source per modality: SOURCE is the first of ``data.modalities``, ``modalities``
+gives the others (``{"depth": ["DIR"]}``); files are paired by name (stem), else in sorted order.
+A file that is not a readable image is named, skipped and counted; the JSON lines are written as
+the run goes, so an interrupted run keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+from dfx.errors import UsageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm", ".tif", ".tiff", ".webp", ".gif")
+DEFAULT_CONF = {"detection": 0.25}  # other tasks: 0 (every pixel labelled, top-5 classes listed)
+
+
+def read_image(path: Path) -> Image.Image:
+    """An image file as RGB, EXIF orientation applied (OSError / UnidentifiedImageError if unreadable)."""
+    with Image.open(path) as image:
+        image.load()
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def collect_files(sources: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files named by ``sources`` (files, folders: every file in them, globs), in order, without repeats."""
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        elif path.is_file():
+            found = [path]
+        elif glob.has_magic(str(source)):
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        else:
+            found = None
+        if not found:
+            what = "is an empty folder" if path.is_dir() else "matches no file" if found is not None else \
+                "does not exist"
+            raise UsageError(f"SOURCE {source}: {what}; pass image files, folders or globs such as 'photos/*.jpg'")
+        files += [f for f in found if f not in seen]
+        seen.update(found)
+    return files
+
+
+def pair_modalities(primary: list[Path], others: dict[str, list[Path]], names: list[str]) -> list[list[Path]]:
+    """One list of paths per sample, in ``names`` order: matched by stem, else in sorted order."""
+    samples = [[p] for p in primary]
+    for name in names[1:]:
+        files = others[name]
+        by_stem = {f.stem: f for f in files}
+        if all(p.stem in by_stem for p in primary):
+            matched = [by_stem[p.stem] for p in primary]
+        elif len(files) == len(primary):
+            matched = files  # both sorted: NYU_color / NYU_depth, SUN_color / SUN_depth ...
+        else:
+            raise UsageError(f"--modality {name}: {len(files)} files for {len(primary)} {names[0]} images and their "
+                             "names do not match; give the same number of files (paired in sorted order) or the "
+                             "same file names")
+        for sample, path in zip(samples, matched):
+            sample.append(path)
+    return samples
+
+
+class Predictor:
+    """Per-task reading, forward pass and output of one batch; subclasses fill in the task."""
+
+    def __init__(self, recipe, classes: list[str], conf: float, out: Path):
+        self.recipe, self.classes, self.conf, self.out = recipe, classes, conf, out
+        self.names: set[str] = set()
+
+    def unique_stem(self, path: Path) -> str:
+        stem, n = path.stem, 1
+        while stem in self.names:
+            n += 1
+            stem = f"{path.stem}-{n}"
+        self.names.add(stem)
+        return stem
+
+    def load(self, paths: list[Path]) -> tuple[np.ndarray, torch.Tensor]:
+        """(the picture to draw on, uint8 [H, W, 3]; the model's input tensor)."""
+        raise NotImplementedError
+
+    def run(self, model, inputs: list[torch.Tensor], pictures: list[np.ndarray], device) -> list:
+        raise NotImplementedError
+
+    def write(self, paths: list[Path], picture: np.ndarray, output) -> dict:
+        """Write the files of one image; return its JSON line (without the common fields)."""
+        raise NotImplementedError
+
+    def finish(self) -> dict:
+        return {}
+
+
+class DetectionPredictor(Predictor):
+    def __init__(self, recipe, classes, conf, out):
+        from dfx.data.det_transforms import DetectionTransform
+
+        super().__init__(recipe, classes, conf, out)
+        data = recipe.data
+        self.transform = DetectionTransform(False, scales=data.scales, max_size=data.max_size, mean=data.mean,
+                                            std=data.std)
+        self.category_ids = list(getattr(data, "category_ids", None) or range(len(classes)))
+        self.results: list[dict] = []
+
+    def load(self, paths):
+        image = read_image(paths[0])
+        tensor, _ = self.transform(image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)})
+        return np.asarray(image), tensor
+
+    def run(self, model, inputs, pictures, device):
+        from dfx.data.det_transforms import collate_detection
+        from dfx.detection import postprocess
+
+        images, masks, _ = collate_detection([(x, None) for x in inputs])
+        outputs = model(images.to(device), masks.to(device))
+        sizes = torch.tensor([p.shape[:2] for p in pictures], device=device)
+        found = postprocess(outputs, sizes, self.recipe.model.detections)
+        return [{k: v[d["scores"] >= self.conf].cpu() for k, v in d.items()} for d in found]
+
+    def write(self, paths, picture, output):
+        height, width = picture.shape[:2]
+        boxes = output["boxes"].clamp(min=0)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(max=width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(max=height)
+        detections = [{"class": self.classes[int(k)], "class_id": int(k), "score": round(float(s), 5),
+                       "box": [round(float(v), 2) for v in box]}
+                      for box, s, k in zip(boxes, output["scores"], output["labels"])]
+        image_id = len(self.names)
+        for d in detections:
+            x0, y0, x1, y1 = d["box"]
+            self.results.append({"image_id": image_id, "category_id": self.category_ids[d["class_id"]],
+                                 "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)], "score": d["score"]})
+        name = self.unique_stem(paths[0])
+        draw_boxes(picture, detections, self.classes).save(self.out / "images" / f"{name}.jpg", quality=90)
+        return {"image_id": image_id, "detections": detections}
+
+    def finish(self):
+        from dfx.detection.coco_eval import write_results
+
+        write_results(self.out / "predictions.json", self.results)
+        return {"predictions": str(self.out / "predictions.json")}
+
+
+class SegmentationPredictor(Predictor):
+    def __init__(self, recipe, classes, conf, out):
+        from dfx.data.segmentation import SegmentationTransform
+
+        super().__init__(recipe, classes, conf, out)
+        data = recipe.data
+        self.transform = SegmentationTransform(data.image_size, False, mean=data.mean, std=data.std)
+
+    def load(self, paths):
+        image = read_image(paths[0])
+        tensor, _ = self.transform(image, np.zeros((image.height, image.width), dtype=np.uint8))
+        return np.asarray(image), tensor
+
+    def logits(self, model, batch):
+        return model(batch)
+
+    def run(self, model, inputs, pictures, device):
+        logits = self.logits(model, torch.stack(inputs).to(device)).float()
+        maps = []
+        for one, picture in zip(logits, pictures):  # each image back to its own size
+            probs = F.interpolate(one[None], size=picture.shape[:2], mode="bilinear", align_corners=False)[0]
+            probs = probs.softmax(0)
+            score, label = probs.max(0)
+            maps.append(label.masked_fill(score < self.conf, 255).to(torch.uint8).cpu().numpy())
+        return maps
+
+    def write(self, paths, picture, label_map):
+        from dfx.data.segmentation import IGNORE_INDEX
+
+        name = self.unique_stem(paths[0])
+        Image.fromarray(label_map).save(self.out / "labels" / f"{name}.png")
+        overlay_classes(picture, label_map, len(self.classes)).save(self.out / "images" / f"{name}.jpg", quality=90)
+        ids, counts = np.unique(label_map, return_counts=True)
+        shares = {self.classes[int(i)]: round(float(c) / label_map.size, 5)
+                  for i, c in zip(ids, counts) if i != IGNORE_INDEX}
+        return {"label_map": f"labels/{name}.png", "classes": shares}
+
+
+class FusionPredictor(SegmentationPredictor):
+    def __init__(self, recipe, classes, conf, out):
+        from dfx.data.multimodal import MultiModalTransform
+
+        Predictor.__init__(self, recipe, classes, conf, out)
+        data = recipe.data
+        self.transform = MultiModalTransform(data.size, False, mean=data.mean, std=data.std)
+
+    def load(self, paths):
+        from dfx.data.multimodal import read_modality
+
+        images = [read_modality(p) for p in paths]
+        for path, image in zip(paths[1:], images[1:]):
+            if image.shape[:2] != images[0].shape[:2]:
+                raise ValueError(f"{image.shape[1]}x{image.shape[0]} but {paths[0].name} is "
+                                 f"{images[0].shape[1]}x{images[0].shape[0]}; modalities must be aligned")
+        tensor, _ = self.transform(images, np.zeros(images[0].shape[:2], dtype=np.uint8))
+        return images[0], tensor  # [M, 3, h, w]
+
+    def write(self, paths, picture, label_map):
+        return {**super().write(paths, picture, label_map), "files": [str(p) for p in paths]}
+
+
+class ClassificationPredictor(Predictor):
+    def __init__(self, recipe, classes, conf, out):
+        from dfx.tasks.classification import transforms
+
+        super().__init__(recipe, classes, conf, out)
+        self.transform = transforms(recipe.data, training=False)
+
+    def load(self, paths):
+        image = read_image(paths[0])
+        return np.asarray(image), self.transform(image)
+
+    def run(self, model, inputs, pictures, device):
+        probs = model(torch.stack(inputs).to(device)).float().softmax(-1).cpu()
+        scores, labels = probs.topk(min(5, probs.shape[-1]), dim=-1)
+        return list(zip(scores, labels))
+
+    def write(self, paths, picture, output):
+        scores, labels = output
+        top = [{"class": self.classes[int(k)], "class_id": int(k), "score": round(float(s), 5)}
+               for i, (s, k) in enumerate(zip(scores, labels)) if i == 0 or s >= self.conf]
+        image = Image.fromarray(picture)
+        ImageDraw.Draw(image).text((4, 4), f"{top[0]['class']} {top[0]['score']:.2f}", fill=(255, 255, 0),
+                                   stroke_width=2, stroke_fill=(0, 0, 0), font_size=max(10, image.height // 20))
+        image.save(self.out / "images" / f"{self.unique_stem(paths[0])}.jpg", quality=90)
+        return {"top": top}
+
+
+PREDICTORS = {"detection": DetectionPredictor, "segmentation": SegmentationPredictor, "fusion": FusionPredictor,
+              "classification": ClassificationPredictor, "distillation": ClassificationPredictor}
+
+
+def _colours(count: int) -> np.ndarray:
+    from dfx.detection.plots import class_colours
+
+    return (np.asarray([c[:3] for c in class_colours(count)]) * 255).round().astype(np.uint8)
+
+
+def draw_boxes(picture: np.ndarray, detections: list[dict], classes: list[str]) -> Image.Image:
+    """The image with each detection's box and "class score", one colour per class."""
+    image = Image.fromarray(picture)
+    draw = ImageDraw.Draw(image)
+    colours = _colours(len(classes))
+    line = max(2, round(max(image.size) / 400))
+    font_size = max(10, round(max(image.size) / 60))
+    for d in detections:
+        colour = tuple(int(c) for c in colours[d["class_id"]])
+        x0, y0, x1, y1 = d["box"]
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
+        text = f"{d['class']} {d['score']:.2f}"
+        left, top, right, bottom = draw.textbbox((x0, y0), text, font_size=font_size)
+        lift = bottom - top + 2 if y0 >= bottom - top + 2 else 0  # above the box, inside it at the top edge
+        draw.rectangle((left, top - lift, right + 2, bottom - lift), fill=colour)
+        draw.text((x0 + 1, y0 - lift), text, fill=(255, 255, 255), font_size=font_size)
+    return image
+
+
+def overlay_classes(picture: np.ndarray, label_map: np.ndarray, num_classes: int, alpha: float = 0.5) -> Image.Image:
+    """The image with each pixel tinted by its class colour (255: left as is)."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[:num_classes] = _colours(num_classes)
+    tinted = picture.astype(np.float32)
+    labelled = label_map != 255
+    tinted[labelled] = (1 - alpha) * tinted[labelled] + alpha * palette[label_map[labelled]]
+    return Image.fromarray(tinted.round().astype(np.uint8))
+
+
+def predict(weights: str | os.PathLike, sources: list[str], *, modalities: dict[str, list[str]] | None = None,
+            out: str | os.PathLike | None = None, conf: float | None = None, batch: int = 4,
+            overrides: Iterable[str] = (), device: str = "auto", quiet: bool = False) -> dict:
+    """Run the model of ``weights`` on ``sources``; returns a summary (output folder, counts, files)."""
+    from dfx.engine import distributed as D
+    from dfx.engine.progress import ItemProgress
+    from dfx.engine.rundir import new_run_dir
+    from dfx.models import build
+
+    if batch < 1:
+        raise UsageError(f"--batch: expected a positive batch size, got {batch}")
+    if conf is not None and not 0 <= conf <= 1:
+        raise UsageError(f"--conf: expected a score threshold in [0, 1], got {conf}")
+    recipe, task, model, meta = build(weights, overrides)
+    if not meta and not recipe.model.weights:
+        raise UsageError(f"{weights}: a recipe predicts with the weights named by model.weights; pass "
+                         "model.weights=FILE, or a run directory or dfx checkpoint")
+    if recipe.task not in PREDICTORS:
+        raise UsageError(f"dfx predict does not handle task {recipe.task!r}; it handles {', '.join(PREDICTORS)}")
+    samples = _samples(recipe, sources, modalities or {})
+    device = D.resolve_device(device)
+    model.to(device)
+    folder = new_run_dir("predict", recipe.name, out, resumable=False)
+    (folder / "images").mkdir()
+    if recipe.task in ("segmentation", "fusion"):
+        (folder / "labels").mkdir()
+    conf = DEFAULT_CONF.get(recipe.task, 0.0) if conf is None else conf
+    predictor = PREDICTORS[recipe.task](recipe, task.classes, conf, folder)
+    skipped: list[dict] = []
+    done, t0 = 0, time.perf_counter()
+    progress = ItemProgress(len(samples), "predict", enabled=not quiet)
+    lines = folder / "predictions.jsonl"
+    try:
+        with lines.open("w") as stream, torch.inference_mode():
+            for start in range(0, len(samples), batch):
+                chunk, pictures, inputs = _read_batch(predictor, samples[start:start + batch], skipped)
+                if chunk:
+                    outputs = predictor.run(model, inputs, pictures, device)
+                    for paths, picture, output in zip(chunk, pictures, outputs):
+                        line = {"file": str(paths[0]), "width": picture.shape[1], "height": picture.shape[0],
+                                **predictor.write(paths, picture, output)}
+                        stream.write(json.dumps(line) + "\n")
+                    stream.flush()
+                    done += len(chunk)
+                progress.advance(len(samples[start:start + batch]))
+    finally:
+        progress.close()
+    files = {"results": str(lines), "pictures": str(folder / "images"), **predictor.finish()}
+    if recipe.task in ("segmentation", "fusion"):
+        files["labels"] = str(folder / "labels")
+    summary = {"task": recipe.task, "out": str(folder), "images": done, "skipped": len(skipped),
+               "skipped_files": skipped, "conf": conf, "elapsed_s": round(time.perf_counter() - t0, 3), **files}
+    if recipe.task == "detection":
+        summary["detections"] = len(predictor.results)
+    return summary
+
+
+def _read_batch(predictor: Predictor, samples: list[list[Path]], skipped: list[dict]):
+    """(paths, pictures, input tensors) of the readable samples; the others are named and added to ``skipped``."""
+    chunk, pictures, inputs = [], [], []
+    for paths in samples:
+        try:
+            picture, tensor = predictor.load(paths)
+        except (OSError, ValueError, UsageError, Image.DecompressionBombError) as e:
+            reason = _reason(paths, e)
+            skipped.append({"file": str(paths[0]), "reason": reason})
+            print(f"dfx predict: skipped {paths[0]}: {reason}", file=sys.stderr, flush=True)
+            continue
+        chunk.append(paths)
+        pictures.append(picture)
+        inputs.append(tensor)
+    return chunk, pictures, inputs
+
+
+def _samples(recipe, sources: list[str], modalities: dict[str, list[str]]) -> list[list[Path]]:
+    if not sources:
+        raise UsageError("dfx predict: no SOURCE given; pass image files, folders or globs")
+    primary = collect_files(sources)
+    if recipe.task != "fusion":
+        if modalities:
+            raise UsageError(f"--modality is for fusion models; this model's task is {recipe.task}")
+        return [[p] for p in primary]
+    names = list(recipe.data.modalities)
+    unknown = sorted(set(modalities) - set(names[1:]))
+    missing = [n for n in names[1:] if n not in modalities]
+    if unknown or missing:
+        raise UsageError(f"--modality: the model reads {', '.join(names)} (SOURCE is {names[0]}); "
+                         + (f"unknown {', '.join(unknown)}; " if unknown else "")
+                         + (f"pass {' '.join(f'--modality {n}=DIR' for n in missing)}" if missing else "")
+                         .rstrip("; "))
+    return pair_modalities(primary, {n: collect_files(modalities[n]) for n in names[1:]}, names)
+
+
+def _reason(paths: list[Path], error: BaseException) -> str:
+    bad = [p for p in paths if p.suffix.lower() not in IMAGE_SUFFIXES]
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, UnidentifiedImageError) or bad:
+        return f"not an image ({bad[0].name if bad else paths[0].name})"
+    return text
