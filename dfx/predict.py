@@ -163,7 +163,7 @@ class DetectionPredictor(Predictor):
         return {"image_id": image_id, "detections": detections}
 
     def finish(self):
-        from dfx.detection.coco_eval import write_results
+        from dfx.data.coco_eval import write_results
 
         write_results(self.out / "predictions.json", self.results)
         return {"predictions": str(self.out / "predictions.json")}
@@ -213,18 +213,19 @@ class FusionPredictor(SegmentationPredictor):
 
         Predictor.__init__(self, recipe, classes, conf, out)
         data = recipe.data
-        self.transform = MultiModalTransform(data.size, False, mean=data.mean, std=data.std)
+        self.transform = MultiModalTransform(data.size, False, mean=data.mean, std=data.std, normalize=data.normalize)
+        self.depth = data.depth
 
     def load(self, paths):
-        from dfx.data.multimodal import read_modality
+        from dfx.data.depth import read_image_array
 
-        images = [read_modality(p) for p in paths]
+        images = [read_image_array(p, self.depth) for p in paths]
         for path, image in zip(paths[1:], images[1:]):
             if image.shape[:2] != images[0].shape[:2]:
                 raise ValueError(f"{image.shape[1]}x{image.shape[0]} but {paths[0].name} is "
                                  f"{images[0].shape[1]}x{images[0].shape[0]}; modalities must be aligned")
         tensor, _ = self.transform(images, np.zeros(images[0].shape[:2], dtype=np.uint8))
-        return images[0], tensor  # [M, 3, h, w]
+        return images[0].clip(0, 255).astype(np.uint8), tensor  # [M, 3, h, w]
 
     def write(self, paths, picture, label_map):
         return {**super().write(paths, picture, label_map), "files": [str(p) for p in paths]}

@@ -11,12 +11,10 @@ from PIL import Image
 from dfx.data.depth import DepthFormat, raw_to_metres, read_depth_metres, read_image_array
 from dfx.data.multimodal import MultiModalFolder, MultiModalTransform
 from dfx.errors import UsageError
+from shared_data import DATA, needs
 
-# <clone>/../shared (CI); one level further up for a git worktree kept in a folder of worktrees
-SAMPLES = next((p / "shared" / "data" / "rgbd-samples" for p in Path(__file__).resolve().parents[2:4]
-                if (p / "shared" / "data" / "rgbd-samples").is_dir()),
-               Path(__file__).resolve().parents[2] / "shared" / "data" / "rgbd-samples")
-needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real RGB-D samples not found at {SAMPLES}")
+SAMPLES = DATA / "rgbd-samples"
+needs_samples = needs("rgbd-samples")
 
 # (colour file, depth file, data.depth_* overrides, documented range in metres of the valid pixels)
 REAL_PAIRS = {

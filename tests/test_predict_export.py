@@ -23,9 +23,9 @@ from dfx.engine.checkpoint import save_weights
 from dfx.engine.trainer import checkpoint_metadata
 from dfx.errors import UsageError
 from dfx.models import build
+from shared_data import DATA
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("DFX_TEST_DATA", REPO.parent / "shared" / "data"))  # env: other checkouts
 CHESS = DATA / "chess-pieces-coco" / "test"
 RGBD = DATA / "rgbd-samples"
 needs_data = pytest.mark.skipif(not CHESS.is_dir() or not RGBD.is_dir(),
