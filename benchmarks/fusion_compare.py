@@ -18,7 +18,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from dfx.tasks.fusion import compare, markdown_table
+import torch
+
+from dfx.compare import Variant, compare, markdown
+from dfx.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "fuse.md"
@@ -34,20 +37,24 @@ def main(argv=None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="print the table, leave docs/ alone")
     parser.add_argument("overrides", nargs="*", help="recipe overrides a.b=c")
     args = parser.parse_args(argv)
-    result = compare(args.recipe, args.strategies, args.overrides, out=args.out, device=args.device, quiet=True)
-    table = markdown_table(result["rows"])
-    epochs, device = result["epochs"], result["device"]
+    recipe = load_recipe(args.recipe, args.overrides)
+    variants = [Variant(s, args.recipe, [f"model.fusion={s}"]) for s in args.strategies.split(",")]
+    result = compare(variants, args.overrides, seeds=[recipe.train.seed], out=args.out or "runs/compare/fusion",
+                     device=args.device, log=lambda line: print(line, file=sys.stderr, flush=True))
+    table = markdown(result)
+    size = recipe.data.size
     note = (f"`dfx fuse {Path(args.recipe).relative_to(ROOT) if Path(args.recipe).is_relative_to(ROOT) else args.recipe}"
-            f" --compare {args.strategies}{' ' + ' '.join(args.overrides) if args.overrides else ''}`: {epochs} epochs, "
-            f"seed {result['seed']}, {result['image_size'][0]}x{result['image_size'][1]} inputs, final-epoch "
-            f"validation metrics (250 images); latency: batch 1, {device}, {result['threads']} thread(s), "
-            f"torch {result['torch']}; GFLOPs per image (1 multiply-add = 2 FLOPs).")
+            f" --compare {args.strategies}{' ' + ' '.join(args.overrides) if args.overrides else ''}`: "
+            f"{recipe.train.epochs} epochs, seed {recipe.train.seed}, {size[0]}x{size[1]} inputs, final-epoch "
+            f"validation mIoU (ensemble, and per stream); latency: batch 1, {args.device}, "
+            f"{torch.get_num_threads()} thread(s), torch {torch.__version__}; GFLOPs per image (1 multiply-add = 2 "
+            "FLOPs); train: wall seconds per run.")
     print(table + "\n" + note)
     if not args.no_docs:
         text = DOC.read_text()
         start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
         DOC.write_text(text[:start] + "\n" + note + "\n\n" + table + text[stop:])
-        shutil.copy(Path(result["table_dir"]) / "compare.png", ROOT / "docs" / "fuse_compare.png")
+        shutil.copy(Path(result["dir"]) / "compare.png", ROOT / "docs" / "fuse_compare.png")
         print(f"wrote {DOC} and docs/fuse_compare.png", file=sys.stderr)
     return 0
 

@@ -557,8 +557,7 @@ def fuse(
             if fusion is not None or dry_run:
                 raise UsageError("--compare trains the listed strategies; it cannot be combined with --fusion or "
                                  "--dry-run")
-            return fusion_task.compare(recipe, compare, overrides, out=out_dir, device=device,
-                                       quiet=quiet or json_out)
+            return _compare_strategies(recipe, compare, overrides, out_dir, device, quiet or json_out)
         return fusion_task.fuse(recipe, overrides, fusion=fusion, out=out_dir, device=device, quiet=quiet,
                                 dry_run=dry_run)
 
@@ -566,17 +565,7 @@ def fuse(
         if "rows" not in result:
             _show_run(result, dry_run, "" if dry_run else f"fusion {result['fusion']}, ")
             return
-        from dfx.tasks.fusion import compare_columns, format_cell
-
-        columns = compare_columns(result["rows"])
-        table = Table(title=f"fusion strategies, {result['epochs']} epochs, seed {result['seed']} ({result['device']})")
-        for column in columns:
-            table.add_column(column, justify="left" if column == "fusion" else "right")
-        for row in result["rows"]:
-            table.add_row(*(format_cell(c, row.get(c)) for c in columns))
-        out.print(table)
-        out.print(f"mIoU in %, latency at batch 1; table saved in {result['table_dir']}/compare.{{csv,json,md,png}}", markup=False,
-                  highlight=False)
+        _show_compare(result)
 
     run(work, json_out=json_out, debug=debug, show=show)
 
@@ -618,14 +607,33 @@ def compare(
         return run_compare(specs, common, seeds=parse_seeds(seeds), jobs=jobs, name=name, out=out_dir,
                            device=device, log=log)
 
-    def show(result: dict) -> None:
-        from dfx.compare import markdown
+    run(work, json_out=json_out, debug=debug, show=_show_compare)
 
-        print(markdown(result))
+
+def _show_compare(result: dict) -> None:
+    from dfx.compare import markdown
+
+    print(markdown(result))
+    if result["readings"]:
         print("\n".join(result["readings"]))
-        print(f"saved in {result['dir']}/compare.{{json,csv,md,png}}")
+    print(f"saved in {result['dir']}/compare.{{json,csv,md,png}}")
 
-    run(work, json_out=json_out, debug=debug, show=show)
+
+def _compare_strategies(recipe: Path, strategies: str, overrides: list[str], out_dir, device: str, quiet: bool):
+    """``dfx fuse --compare``: dfx compare of one variant per strategy, on the recipe's seed."""
+    from dfx.compare import Variant, compare
+    from dfx.tasks import fusion as fusion_task
+
+    names = fusion_task.strategies_of(strategies)
+    seed = fusion_task.load_fusion_recipe(recipe, overrides).train.seed  # checks the recipe before any training
+    variants = [Variant(name, str(recipe), [f"model.fusion={name}"]) for name in names]
+
+    def log(line: str) -> None:
+        if not quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    return compare(variants, overrides, seeds=[seed], name=f"{recipe.stem}-fusion", out=out_dir, device=device,
+                   log=log)
 
 
 @app.command()

@@ -59,11 +59,15 @@ def parse_variant(spec: str) -> Variant:
     return Variant(Path(recipe).stem + (f":{label}" if label else ""), recipe, overrides)
 
 
-def read_variants(specs: Iterable[str]) -> list[Variant]:
-    """Variants from specs; a YAML file holding a list of ``{name, recipe, overrides}`` (or a
-    mapping with such a ``variants`` list) names several at once, its recipes relative to it."""
+def read_variants(specs: Iterable[str | Variant]) -> list[Variant]:
+    """Variants from specs (or :class:`Variant` objects, taken as they are); a YAML file holding a
+    list of ``{name, recipe, overrides}`` (or a mapping with such a ``variants`` list) names several
+    at once, its recipes relative to it."""
     variants: list[Variant] = []
     for spec in specs:
+        if isinstance(spec, Variant):
+            variants.append(spec)
+            continue
         path = Path(spec)
         entries = _variant_list(path) if path.suffix in (".yaml", ".yml") and path.is_file() else None
         if entries is None:
@@ -292,8 +296,11 @@ def tabulate(variants: list[Variant], results: list[dict], metric: str, mode: st
     for v in variants:
         mine = [r for r in results if r["variant"] == v.name]
         values = per_variant[v.name]
+        finished = [r["metrics"] for r in mine if r["status"] == "done"]
+        means = {k: sum(m[k] for m in finished) / len(finished) for k in (finished[0] if finished else {})
+                 if all(isinstance(m.get(k), (int, float)) for m in finished)}
         rows.append({"variant": v.name, "recipe": v.recipe, "overrides": v.overrides,
-                     "metric": summary(list(values.values())), "per_seed": values,
+                     "metric": summary(list(values.values())), "per_seed": values, "metrics_mean": means,
                      "wall_s": summary([r["wall_s"] for r in mine if r["status"] == "done"])["mean"],
                      "failed": [{"seed": r["seed"], "reason": r["reason"]} for r in mine if r["status"] == "failed"],
                      "vs_first": paired_difference(baseline, values, mode)})
@@ -352,12 +359,20 @@ def format_metric(value: float | None, metric: str) -> str:
     return "-" if value is None else f"{scale_of(metric) * value:.1f}"
 
 
+def sub_metrics(report: dict, most: int = 4) -> list[str]:
+    """Parts of the main metric worth a column (``mIoU/rgb``, ``mIoU/depth``), when there are few."""
+    keys = list(dict.fromkeys(k for row in report["rows"] for k in row.get("metrics_mean", {})
+                              if k.startswith(report["metric"] + "/")))
+    return keys if len(keys) <= most else []
+
+
 def markdown(report: dict) -> str:
-    """The table: per variant mean ± std [min, max] over seeds, cost, and the paired difference."""
-    metric = report["metric"]
-    lines = [f"| variant | {metric} mean ± std | range | seeds | Δ vs first [95% CI] | reading | params (M) | "
-             "GFLOPs | latency (ms) | train (s/run) |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    """The table: per variant mean ± std [min, max] over seeds, its parts (e.g. per-stream mIoU),
+    cost, and the paired difference."""
+    metric, parts = report["metric"], sub_metrics(report)
+    lines = [f"| variant | {metric} mean ± std | range | seeds | " + "".join(f"{p} | " for p in parts)
+             + "Δ vs first [95% CI] | reading | params (M) | GFLOPs | latency (ms) | train (s/run) |",
+             "|---|---:|---:|---:|" + "---:|" * len(parts) + "---:|---|---:|---:|---:|---:|"]
     for i, row in enumerate(report["rows"]):
         m, d = row["metric"], row["vs_first"]
         spread = f"{format_metric(m['mean'], metric)} ± {format_metric(m['std'], metric)}" if m["n"] else "-"
@@ -373,8 +388,9 @@ def markdown(report: dict) -> str:
             delta, reading = f"{k * d['mean']:+.1f}{ci}", d["reading"]
         cost = [f"{row[c]:.3g}" if row.get(c) is not None else "-" for c in ("params_m", "gflops", "latency_ms")]
         wall = f"{row['wall_s']:.0f}" if row.get("wall_s") is not None else "-"
-        lines.append(f"| {row['variant']} | {spread} | {span} | {seeds} | {delta} | {reading} | "
-                     + " | ".join(cost) + f" | {wall} |")
+        means = [format_metric(row.get("metrics_mean", {}).get(p), metric) for p in parts]
+        lines.append(f"| {row['variant']} | {spread} | {span} | {seeds} | " + "".join(f"{m} | " for m in means)
+                     + f"{delta} | {reading} | " + " | ".join(cost) + f" | {wall} |")
     failures = [f"- {row['variant']} seed {f['seed']}: {f['reason']}" for row in report["rows"] for f in row["failed"]]
     return "\n".join(lines) + "\n" + ("\nFailed runs:\n" + "\n".join(failures) + "\n" if failures else "")
 

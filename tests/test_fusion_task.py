@@ -12,7 +12,7 @@ import torch
 from dfx.data.shapes_rgbd import generate_shapes_rgbd
 from dfx.errors import UsageError
 from dfx.recipe import build_recipe, load_recipe
-from dfx.tasks.fusion import FusionEvaluator, Task, markdown_table
+from dfx.tasks.fusion import FusionEvaluator, Task
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -127,20 +127,25 @@ def test_fuse_trains_and_reports_per_stream_miou(fusion_recipe):
 
 
 def test_compare_tabulates_every_strategy(fusion_recipe, tmp_path):
+    from dfx.compare import markdown
+
     result = dfx("fuse", fusion_recipe, "--compare", "none,exchange,gemini", "--out", tmp_path / "cmp", "--json")
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
-    rows = {row["fusion"]: row for row in payload["rows"]}
+    rows = {row["variant"]: row for row in payload["rows"]}
     assert list(rows) == ["none", "exchange", "gemini"]
-    assert "mIoU/rgb" not in rows["none"] and "mIoU/depth" in rows["gemini"]
+    assert [r["overrides"] for r in payload["rows"]] == [["model.fusion=none"], ["model.fusion=exchange"],
+                                                         ["model.fusion=gemini"]]
+    assert payload["seeds"] == [0] and payload["metric"] == "mIoU"
+    assert "mIoU/rgb" not in rows["none"]["metrics_mean"] and "mIoU/depth" in rows["gemini"]["metrics_mean"]
     assert rows["gemini"]["params_m"] > rows["none"]["params_m"]
     assert rows["gemini"]["gflops"] > 1.5 * rows["none"]["gflops"]  # two streams
-    table = Path(payload["table_dir"])
-    assert table == tmp_path / "cmp" / "compare"
     for name in ("compare.json", "compare.csv", "compare.md", "compare.png"):
-        assert (table / name).is_file()
-    assert (table / "compare.md").read_text() == markdown_table(payload["rows"])
-    assert (tmp_path / "cmp" / "gemini" / "checkpoints" / "best.safetensors").is_file()
+        assert (tmp_path / "cmp" / name).is_file()
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert table == markdown(payload) and "| mIoU/rgb | mIoU/depth |" in table
+    run = Path(payload["runs"][2]["run_dir"])
+    assert (run / "checkpoints" / "best.safetensors").is_file() and "fusion: gemini" in (run / "recipe.yaml").read_text()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,16 +10,13 @@ Loss: cross-entropy (255 ignored) of the ensemble plus ``model.stream_loss`` tim
 stream, plus ``model.exchange_sparsity`` times the mean exchange score (``exchange`` only).
 Evaluation: mIoU, pixel accuracy and loss of the ensemble, and ``mIoU/<modality>`` per stream.
 
-:func:`fuse` trains one strategy; :func:`compare` trains several on the same data, seed and
-schedule and tabulates mIoU, parameters, GFLOPs and latency.
+:func:`fuse` trains one strategy; ``dfx fuse --compare`` (dfx.compare) trains several on the same
+data, seeds and schedule and tabulates mIoU, parameters, GFLOPs and latency.
 """
 
 from __future__ import annotations
 
-import csv
 import difflib
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Union
@@ -333,6 +330,16 @@ class FusionEvaluator:
 # dfx fuse
 
 
+def strategies_of(text: str | list[str]) -> list[str]:
+    """``"none,concat,gemini"`` (or a list) as checked, distinct strategy names."""
+    names = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    names = [check_fusion(s) for s in names if s]
+    if len(names) < 1 or len(set(names)) != len(names):
+        raise UsageError(f"--compare {text!r}: expected distinct strategies separated by commas, e.g. "
+                         "none,concat,exchange,cross-attn,gemini")
+    return names
+
+
 def fusion_overrides(overrides: Iterable[str], fusion: str | None) -> list[str]:
     overrides = list(overrides)
     if fusion is not None:
@@ -349,7 +356,7 @@ def check_fusion(name: str) -> str:
     return name
 
 
-def _load(recipe: str | Path, overrides: list[str]):
+def load_fusion_recipe(recipe: str | Path, overrides: list[str]):
     resolved = load_recipe(recipe, overrides)
     if resolved.task != "fusion":
         raise UsageError(f"{recipe}: task is {resolved.task!r}; dfx fuse takes a fusion recipe (task: fusion, e.g. "
@@ -362,126 +369,8 @@ def fuse(recipe: str | Path, overrides: Iterable[str] = (), *, fusion: str | Non
     """Train and evaluate one fusion strategy; returns train's result plus ``"fusion"``."""
     from dfx.engine.trainer import train
 
-    resolved = _load(recipe, fusion_overrides(overrides, fusion))
+    resolved = load_fusion_recipe(recipe, fusion_overrides(overrides, fusion))
     if dry_run:
         return resolved.to_dict()
     result = train(resolved, out=out, device=device, quiet=quiet)
     return {**result, "fusion": resolved.model.fusion}
-
-
-def compare(recipe: str | Path, strategies: str | list[str], overrides: Iterable[str] = (), *, out=None,
-            device: str = "auto", quiet: bool = False, latency_repeats: int = 10) -> dict:
-    """Train every strategy with the recipe's data, seed and schedule; tabulate and save the results.
-
-    Each strategy trains into its own run directory (``runs/fusion/<recipe>-<strategy>``, or
-    ``<out>/<strategy>``). The table (final-epoch metrics, parameters, GFLOPs per image and the
-    median batch-1 latency of the strategies measured side by side) is written as compare.json,
-    compare.csv, compare.md and compare.png into ``runs/fusion/<recipe>-compare[-N]`` (or
-    ``<out>/compare``). Returns ``{"rows": [...], "table_dir": ..., "device": ...}``.
-    """
-    from dfx.measure import compare_latency, count_flops, summarize_times
-    from dfx.engine import distributed as D
-    from dfx.engine.rundir import new_run_dir
-    from dfx.engine.trainer import train
-
-    names = [s.strip() for s in strategies.split(",")] if isinstance(strategies, str) else list(strategies)
-    names = [check_fusion(s) for s in names if s]
-    if len(names) < 1 or len(set(names)) != len(names):
-        raise UsageError(f"--compare {strategies!r}: expected distinct strategies separated by commas, e.g. "
-                         "none,concat,exchange,cross-attn,gemini")
-    overrides = list(overrides)
-    recipes = {s: _load(recipe, [*overrides, f"model.fusion={s}"]) for s in names}  # all checked before training
-    rows, models = [], {}
-    for number, (strategy, resolved) in enumerate(recipes.items(), 1):
-        if not quiet:  # each training shows its own bar; this line says where the comparison is
-            print(f"dfx: fuse --compare: strategy {number}/{len(recipes)}: {strategy}", file=sys.stderr, flush=True)
-        resolved.name = f"{resolved.name}-{strategy}"
-        result = train(resolved, out=Path(out) / strategy if out else None, device=device, quiet=quiet)
-        metrics = result["metrics"]
-        rows.append({"fusion": strategy, "mIoU": metrics.get("mIoU"), "pixel_acc": metrics.get("pixel_acc"),
-                     **{k: v for k, v in metrics.items() if k.startswith("mIoU/")},
-                     "run_dir": result["run_dir"], "train_s": result["elapsed_s"]})
-        measured = _load(recipe, [*overrides, f"model.fusion={strategy}", "model.pretrained=null"])
-        models[strategy] = Task(measured).build_model().eval()
-    dev = D.resolve_device(device)
-    first = next(iter(recipes.values()))
-    example = torch.randn(1, len(first.data.modalities), 3, *first.data.size, device=dev)
-    models = {name: model.to(dev) for name, model in models.items()}
-    times = compare_latency(models, example, warmup=3, repeats=latency_repeats, progress=not quiet)
-    for row in rows:
-        model = models[row["fusion"]]
-        row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        row["gflops"] = count_flops(model, example) / 1e9
-        row["latency_ms"] = summarize_times(times[row["fusion"]], 1)["latency_ms"]
-    folder = new_run_dir("fusion", f"{Path(recipe).stem}-compare", Path(out) / "compare" if out else None)
-    settings = {"recipe": str(recipe), "overrides": overrides, "epochs": first.train.epochs, "seed": first.train.seed,
-                "image_size": list(first.data.size), "modalities": first.data.modalities,
-                "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-                "threads": torch.get_num_threads(), "torch": torch.__version__}
-    write_compare(folder, rows, settings)
-    return {"rows": rows, "table_dir": str(folder), **settings}
-
-
-def compare_columns(rows: list[dict]) -> list[str]:
-    streams = list(dict.fromkeys(k for row in rows for k in row if k.startswith("mIoU/")))  # modality order
-    return ["fusion", "mIoU", *streams, "pixel_acc", "params_m", "gflops", "latency_ms", "train_s"]
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """The comparison as a Markdown table (mIoU and pixel accuracy in %)."""
-    columns = compare_columns(rows)
-    header = {"mIoU": "mIoU (ensemble)", "pixel_acc": "pixel acc", "params_m": "params (M)", "gflops": "GFLOPs",
-              "latency_ms": "latency (ms)", "train_s": "train (s)"}
-    lines = ["| " + " | ".join(header.get(c, c) for c in columns) + " |",
-             "|" + "|".join("---" if c == "fusion" else "---:" for c in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(format_cell(c, row.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def format_cell(column: str, value) -> str:
-    """One table cell: mIoU and pixel accuracy in %, other numbers to 3 significant digits."""
-    if value is None:
-        return "-"
-    if column.startswith("mIoU") or column == "pixel_acc":
-        return f"{100 * value:.1f}"
-    if column == "train_s":
-        return f"{value:.0f}"
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def write_compare(folder: Path, rows: list[dict], settings: dict) -> None:
-    """compare.json (rows + settings), compare.csv, compare.md and compare.png (mIoU bars) in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "compare.json").write_text(json.dumps({"rows": rows, "settings": settings}, indent=1))
-    columns = [*compare_columns(rows), "run_dir"]
-    with open(folder / "compare.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    (folder / "compare.md").write_text(markdown_table(rows))
-    plot_compare(rows, folder / "compare.png")
-
-
-def plot_compare(rows: list[dict], path: Path) -> None:
-    """Bars of the ensemble mIoU per strategy, per-stream mIoU beside them, latency on the labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = [c for c in compare_columns(rows) if c.startswith("mIoU")]
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.6))
-    for j, key in enumerate(series):
-        values = [100 * (row.get(key) or 0) for row in rows]
-        ax.bar([i + (j - (len(series) - 1) / 2) * width for i in range(len(rows))], values, width,
-               label="ensemble" if key == "mIoU" else key.split("/", 1)[1])
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([f"{r['fusion']}\n{r['latency_ms']:.1f} ms, {r['gflops']:.2f} GF" for r in rows], fontsize=8)
-    ax.set_ylabel("mIoU (%)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
