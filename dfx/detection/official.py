@@ -163,13 +163,11 @@ def to_official(state: Mapping[str, Tensor], config: DetectorConfig, category_id
     if category_ids is None:
         category_ids = list(range(config.num_classes))
     layers, out = config.decoder_layers, {}
+    rules = [*_RENAMES, ("enc_class_head.", f"class_embed.{layers}."), ("enc_box_head.", f"bbox_embed.{layers}.")]
     for key, value in state.items():
-        name = _rename(key, _RENAMES)
+        name = _rename(key, rules)
         if name is None:
             raise ValueError(f"{key}: no counterpart in the reference layout")
-        if key.startswith("enc_"):
-            name = name.replace("enc_class_head.", f"class_embed.{layers}.").replace("enc_box_head.",
-                                                                                       f"bbox_embed.{layers}.")
         if key.startswith(("class_heads.", "enc_class_head.")):
             full = value.new_zeros((rows, *value.shape[1:]))
             if full.dim() == 1:

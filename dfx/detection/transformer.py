@@ -132,8 +132,9 @@ class Decoder(nn.Module):
         states, boxes = [], []
         mask = group_attention_mask(groups, tgt.device) if masked and len(groups) > 1 else None  # once, all layers
         sampling_ref, prediction_ref = reference, reference
-        scale = valid_ratios if reference.shape[-1] == 2 else torch.cat((valid_ratios, valid_ratios), -1)
         for index, layer in enumerate(self.layers):
+            # a point reference becomes a box after the first refinement
+            scale = valid_ratios if sampling_ref.shape[-1] == 2 else torch.cat((valid_ratios, valid_ratios), -1)
             tgt = layer(tgt, query_pos, sampling_ref[:, :, None] * scale[:, None], memory, spatial_shapes,
                         memory_mask, groups, mask)
             delta = box_head(index, tgt)
