@@ -11,6 +11,7 @@ with what the reference computes from the same weights.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -154,7 +155,8 @@ def _norm(w, name, x):
 def _deformable(w, name, query, reference, value, shapes, padding, args, points):
     batch, length, c = query.shape
     heads, levels = args["nheads"], args["num_feature_levels"]
-    value = _linear(w, name + ".value_proj", value).masked_fill(padding[..., None], 0.0).view(batch, -1, heads, c // heads)
+    value = _linear(w, name + ".value_proj", value).masked_fill(padding[..., None], 0.0)
+    value = value.view(batch, -1, heads, c // heads)
     offsets = _linear(w, name + ".sampling_offsets", query).view(batch, length, heads, levels, points, 2)
     weights = _linear(w, name + ".attention_weights", query).view(batch, length, heads, levels * points)
     weights = weights.softmax(-1).view(batch, length, heads, levels, points)
@@ -386,7 +388,8 @@ def test_dfx_to_official_to_dfx_is_the_identity():
     model = dfx.detection.DeformableDETR(config)
     state = {k: v + torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     exported = official.to_official(state, config, COCO_IDS)
-    assert exported["class_embed.3.weight"].shape[0] == 91 and "transformer.decoder.bbox_embed.0.layers.0.weight" in exported
+    assert exported["class_embed.3.weight"].shape[0] == 91
+    assert "transformer.decoder.bbox_embed.0.layers.0.weight" in exported
     expected = official_state_dict(official_args(), seed=0)
     assert {k: tuple(v.shape) for k, v in exported.items()} == {k: tuple(v.shape) for k, v in expected.items()}
     back = official.to_dfx(exported, config, COCO_IDS)
@@ -449,3 +452,37 @@ def test_class_heads_need_the_category_ids(tmp_path):
                  "data.classes=[a, b, c]"]
     with pytest.raises(UsageError, match=r"class_embed\.\d\.(weight|bias) has 91 rows .* set data.category_ids"):
         dfx.create_model(RECIPES / "hdetr.yaml", overrides, weights=file)
+
+
+def test_dfx_eval_takes_a_recipe_and_a_released_checkpoint(tmp_path):
+    """`dfx eval RECIPE model.weights=FILE data.root=…`: no run directory; the released heads' rows
+    are read at the dataset's category ids (shapes-det: 1, 3, 5, 7). Bad files exit 2 and 1."""
+    from typer.testing import CliRunner
+
+    from dfx.cli import app
+    from dfx.data.shapes_det import generate_shapes_det
+
+    root = tmp_path / "shapes-det"
+    generate_shapes_det(root, seed=0, train_images=2, val_images=3)
+    args = official_args()
+    file = save_released(tmp_path / "released.pth", official_state_dict(args), args)
+    overrides = [f"data.root={root}", "model.backbone_kwargs={}", "model.frozen_bn=true", "model.dim=256",
+                 "model.heads=8", *SMALL, "model.one2one_queries=20", "model.one2many_queries=30", "data.scales=[128]",
+                 "data.max_size=128", "eval.batch_size=4", "eval.draw_images=0"]
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", str(RECIPES / "hdetr-shapes.yaml"), f"model.weights={file}", *overrides,
+                                 "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert 0.0 <= payload["metrics"]["AP"] <= 1.0
+    predictions = json.loads(Path(payload["predictions"]).read_text())
+    assert len(predictions) == 3 * 20 * 4 and {p["category_id"] for p in predictions} == {1, 3, 5, 7}
+    bad = tmp_path / "bad.pth"
+    torch.save({"weights": {}}, bad)
+    result = runner.invoke(app, ["eval", str(RECIPES / "hdetr-shapes.yaml"), f"model.weights={bad}", *overrides,
+                                 "--device", "cpu", "--json"])
+    assert result.exit_code == 2 and "bad.pth" in json.loads(result.stdout)["error"]
+    bad.write_bytes(file.read_bytes()[:1000])
+    result = runner.invoke(app, ["eval", str(RECIPES / "hdetr-shapes.yaml"), f"model.weights={bad}", *overrides,
+                                 "--device", "cpu", "--json"])
+    assert result.exit_code == 1 and "bad.pth" in json.loads(result.stdout)["error"]

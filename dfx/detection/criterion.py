@@ -10,8 +10,9 @@ boxes in the batch (at least 1)::
 
 summed over the final decoder layer, every auxiliary layer, and (two-stage) the encoder proposals.
 H-DETR adds the same sum over the one-to-many group, matched against every target repeated ``k``
-times (``N`` becomes ``k·N``), times ``λ`` (``one2many_weight``). The encoder term is counted once; an encoder head with
-one logit (class-agnostic two-stage scoring) is trained as objectness, every target relabelled 0.
+times (``N`` becomes ``k·N``), times ``λ`` (``one2many_weight``). The encoder term is counted once;
+an encoder head with one logit (class-agnostic two-stage scoring) is trained as objectness, every
+target relabelled 0.
 """
 
 from __future__ import annotations
