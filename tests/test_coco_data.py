@@ -45,6 +45,9 @@ def test_flip_mirrors_box_and_normalises_to_cxcywh():
 def test_resize_caps_longer_side_at_max_size():
     assert resized_shape(100, 200, 200, 300) == (150, 300)  # shorter 200 would make the longer 400
     assert resized_shape(100, 200, 50, 300) == (50, 100)
+    # DETR's rounding: the longer side truncated (480 x 640.8 -> 640), a capped shorter side rounded
+    assert resized_shape(375, 500, 480, 1333) == (480, 640) and resized_shape(333, 500, 800, 1333) == (800, 1201)
+    assert resized_shape(427, 1280, 800, 1333) == (445, 1333)
     image = Image.new("RGB", (200, 100))
     transform = DetectionTransform(train=True, scales=[200], max_size=300, hflip=0.0, **IDENTITY)
     tensor, target = transform(image, target_of([[10, 20, 30, 40]], [0]))

@@ -26,11 +26,18 @@ MIN_BOX_SIDE = 0.0
 
 
 def resized_shape(height: int, width: int, shorter: int, max_size: int) -> tuple[int, int]:
-    """(h, w) with the shorter side ``shorter``, scaled down so the longer side is <= ``max_size``."""
-    scale = shorter / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    """(h, w) with the shorter side ``shorter``, reduced so the longer side is <= ``max_size``.
+
+    DETR's rounding, so that inputs match the reference pixel for pixel: a reduced shorter side is
+    rounded, the longer side is truncated (``int``), and an image already at size is left as is.
+    """
+    short, long = min(height, width), max(height, width)
+    if long / short * shorter > max_size:
+        shorter = int(round(max_size * short / long))
+    if short == shorter:
+        return height, width
+    other = max(1, int(shorter * long / short))
+    return (shorter, other) if height <= width else (other, shorter)
 
 
 class DetectionTransform:
@@ -70,7 +77,7 @@ class DetectionTransform:
             if self.crop is not None and torch.rand(()) < self.crop_prob:
                 if self.crop_resize:
                     shorter = self.crop_resize[int(torch.randint(len(self.crop_resize), ()))]
-                    size = list(resized_shape(image.height, image.width, shorter, max_size=1 << 30))
+                    size = list(resized_shape(image.height, image.width, shorter, max_size=1 << 30))  # uncapped
                     image, boxes = F.resize(image, size, antialias=True), F.resize(boxes, size)
                 image, boxes, labels = self._random_crop(image, boxes, labels)
             shorter = self.scales[int(torch.randint(len(self.scales), ()))]
