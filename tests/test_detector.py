@@ -241,12 +241,17 @@ def test_transformer_weights_start_xavier_and_the_stem_can_be_frozen():
     for weight in (model.encoder.layers[0].ffn[0].weight, model.decoder.layers[0].self_attn.out_proj.weight,
                    model.enc_output.weight, model.pos_trans.weight):
         # torch's default Linear init stays within 1/sqrt(fan_in), well below the xavier bound here
-        assert 0.9 * bound(weight) < float(weight.abs().max()) <= bound(weight)
+        assert 0.9 * bound(weight) < float(weight.detach().abs().max()) <= bound(weight)
     frozen = {name.split(".")[2] for name, p in model.named_parameters() if name.startswith("backbone.")
               and not p.requires_grad}
     trained = {name.split(".")[2] for name, p in model.named_parameters() if name.startswith("backbone.")
                and p.requires_grad}
     assert frozen == {"conv1", "bn1", "layer1"} and trained == {"layer2", "layer3", "layer4"}
+    # every layer's heads start as copies of one head, the encoder's class head as its first row
+    heads = [model.class_heads[0], *model.class_heads[1:]]
+    assert all(torch.equal(h.weight, heads[0].weight) for h in heads)
+    assert all(torch.equal(h.layers[0].weight, model.enc_box_head.layers[0].weight) for h in model.box_heads)
+    assert torch.equal(model.enc_class_head.weight, heads[0].weight[:1])
 
 
 def test_a_cnn_sees_the_batch_padded_only_to_its_largest_image():

@@ -26,6 +26,7 @@ Output of ``forward(images [B, 3, H, W], mask [B, H, W] True at padding)``::
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -138,15 +139,21 @@ class DeformableDETR(nn.Module):
         self.decoder = Decoder(config.decoder_layers, config.box_refine, config.look_forward_twice, **layer)
 
         heads = config.decoder_layers if config.box_refine else 1
-        self.class_heads = nn.ModuleList(_class_head(c, config.num_classes) for _ in range(heads))
-        self.box_heads = nn.ModuleList(_box_head(c) for _ in range(heads))
+        # as in the reference, every layer's (and the encoder's) heads start as copies of one head
+        class_head, box_head = _class_head(c, config.num_classes), _box_head(c)
+        self.class_heads = nn.ModuleList(copy.deepcopy(class_head) for _ in range(heads))
+        self.box_heads = nn.ModuleList(copy.deepcopy(box_head) for _ in range(heads))
         total = config.one2one_queries + config.one2many_queries
         if config.two_stage:
             self.enc_output = nn.Linear(c, c)
             self.enc_output_norm = nn.LayerNorm(c)
             agnostic = config.two_stage_scoring == "agnostic"
-            self.enc_class_head = _class_head(c, 1 if agnostic else config.num_classes)
-            self.enc_box_head = _box_head(c)
+            self.enc_class_head = copy.deepcopy(class_head)
+            if agnostic:  # the objectness row
+                self.enc_class_head.weight = nn.Parameter(class_head.weight.detach()[:1].clone())
+                self.enc_class_head.bias = nn.Parameter(class_head.bias.detach()[:1].clone())
+                self.enc_class_head.out_features = 1
+            self.enc_box_head = copy.deepcopy(box_head)
             # both halves are computed even with mixed selection, which keeps only the positional one
             self.pos_trans = nn.Linear(2 * c, 2 * c)
             self.pos_trans_norm = nn.LayerNorm(2 * c)
