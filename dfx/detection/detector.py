@@ -147,12 +147,11 @@ class DeformableDETR(nn.Module):
         if config.two_stage:
             self.enc_output = nn.Linear(c, c)
             self.enc_output_norm = nn.LayerNorm(c)
-            agnostic = config.two_stage_scoring == "agnostic"
-            self.enc_class_head = copy.deepcopy(class_head)
-            if agnostic:  # the objectness row
-                self.enc_class_head.weight = nn.Parameter(class_head.weight.detach()[:1].clone())
-                self.enc_class_head.bias = nn.Parameter(class_head.bias.detach()[:1].clone())
-                self.enc_class_head.out_features = 1
+            rows = 1 if config.two_stage_scoring == "agnostic" else config.num_classes  # 1: objectness
+            self.enc_class_head = nn.Linear(c, rows)
+            with torch.no_grad():
+                self.enc_class_head.weight.copy_(class_head.weight[:rows])
+                self.enc_class_head.bias.copy_(class_head.bias[:rows])
             self.enc_box_head = copy.deepcopy(box_head)
             # both halves are computed even with mixed selection, which keeps only the positional one
             self.pos_trans = nn.Linear(2 * c, 2 * c)
