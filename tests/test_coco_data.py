@@ -46,6 +46,9 @@ def test_flip_mirrors_box_and_normalises_to_cxcywh():
 def test_resize_caps_longer_side_at_max_size():
     assert resized_shape(100, 200, 200, 300) == (150, 300)  # shorter 200 would make the longer 400
     assert resized_shape(100, 200, 50, 300) == (50, 100)
+    # DETR's rounding: the longer side truncated (480 x 640.8 -> 640), a capped shorter side rounded
+    assert resized_shape(375, 500, 480, 1333) == (480, 640) and resized_shape(333, 500, 800, 1333) == (800, 1201)
+    assert resized_shape(427, 1280, 800, 1333) == (445, 1333)
     image = Image.new("RGB", (200, 100))
     transform = DetectionTransform(train=True, scales=[200], max_size=300, hflip=0.0, **IDENTITY)
     tensor, target = transform(image, target_of([[10, 20, 30, 40]], [0]))
@@ -83,14 +86,31 @@ def test_boxes_follow_the_pixels_through_flip_and_crop():
         boxes = dict(zip(target["labels"].tolist(), to_xyxy(target["boxes"], target["size"]).tolist()))
         for label, value in ((0, 1.0), (1, 128 / 255)):
             ys, xs = np.nonzero(np.isclose(tensor[0].numpy(), value, atol=1e-3))
-            visible = xs.size and xs.max() + 1 - xs.min() > 1 and ys.max() + 1 - ys.min() > 1
+            visible = xs.size > 0
             outcomes.add((label, bool(visible)))
             if visible:
                 expected = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
                 assert np.allclose(boxes[label], expected, atol=1e-4), (seed, label)
             else:
-                assert label not in boxes, (seed, label)  # a box cut to <= 1 px is dropped with its label
+                assert label not in boxes, (seed, label)  # a box cut to no area is dropped with its label
     assert outcomes == {(0, True), (0, False), (1, True), (1, False)}
+
+
+@pytest.mark.parametrize("crop_resize", [[400], None])
+def test_the_crop_is_taken_from_the_image_resized_to_crop_resize(crop_resize):
+    """DETR's schedule: shorter side to one of crop_resize (400), crop 384-600, then the scales. A
+    100 px square at the centre of a 2000x1000 image is 40 px at the crop (100 px without resize)."""
+    image = Image.new("RGB", (2000, 1000))
+    transform = DetectionTransform(train=True, scales=[384], max_size=2000, crop=[384, 384], crop_prob=1.0,
+                                   hflip=0.0, crop_resize=crop_resize, **IDENTITY)
+    heights = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        tensor, target = transform(image, target_of([[950, 450, 1050, 550]], [0]))
+        assert tensor.shape == (3, 384, 384)
+        heights |= {round(float(h) * 384, 3) for h in target["boxes"][:, 3]}
+    # resized first, the square always lies inside the crop's rows; else it is often cut or left out
+    assert heights == {40.0} if crop_resize else 100.0 in heights and 40.0 not in heights
 
 
 def test_random_scales_and_flips_vary_with_the_seed():

@@ -41,6 +41,9 @@ def test_recipes_resolve_to_the_papers_settings():
     model = hdetr.model
     assert (model.one2one_queries, model.one2many_queries, model.one2many_k, model.one2many_weight) == (300, 1500, 6, 1.0)
     assert model.two_stage and model.box_refine and model.mixed_query_selection and model.look_forward_twice
+    assert model.two_stage_scoring == "agnostic" and model.frozen_bn and model.backbone_frozen_stages == 1
+    assert (hdetr.data.crop, hdetr.data.crop_resize, len(hdetr.data.classes), len(hdetr.data.category_ids)) == \
+        ([384, 600], [400, 500, 600], 80, 80)
     assert (model.dropout, model.ffn_dim, hdetr.train.lr, hdetr.train.backbone_lr) == (0.0, 2048, 2e-4, 2e-5)
     assert (hdetr.train.weight_decay, hdetr.train.grad_clip, hdetr.train.epochs, hdetr.train.milestones) == \
         (1e-4, 0.1, 12, [11])

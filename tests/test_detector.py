@@ -168,22 +168,98 @@ def test_encoder_and_aux_terms_are_all_counted():
     criterion = SetCriterion(3, one2many_k=2)
     total, logs = criterion(outputs, TARGETS)
     assert float(total.detach()) == pytest.approx(logs["one2one"] + logs["enc"] + logs["one2many"], rel=1e-5)
-    # 64x80 inputs padded to 64x96 (a multiple of stride 32): levels 8x12, 4x6, 2x3, 1x2
-    assert outputs["enc_outputs"]["pred_logits"].shape[1] == sum(h * w for h, w in [(8, 12), (4, 6), (2, 3), (1, 2)])
+    # 64x80 inputs, not padded further (a CNN backbone needs no padding): levels 8x10, 4x5, 2x3, 1x2
+    assert outputs["enc_outputs"]["pred_logits"].shape[1] == sum(h * w for h, w in [(8, 10), (4, 5), (2, 3), (1, 2)])
     total.backward()
     assert model.backbone.body.conv1[0].weight.grad.abs().sum() > 0
     assert model.enc_class_head.weight.grad.abs().sum() > 0 and model.content_queries.weight.grad[5:].abs().sum() > 0
 
 
 @pytest.mark.parametrize("look_forward_twice", [True, False])
-def test_look_forward_twice_trains_the_previous_box_head(look_forward_twice):
+def test_look_forward_twice_reaches_exactly_one_box_head_back(look_forward_twice):
+    """Reference: layer l's box is built on layer l-1's refined box, itself built on a detached
+    reference, so layer l's box loss trains box heads l and l-1 only (three layers to see it)."""
     images, mask = batch()
-    model = build(two_stage=True, box_refine=True, look_forward_twice=look_forward_twice)
+    for layer in range(3):
+        model = build(two_stage=True, box_refine=True, look_forward_twice=look_forward_twice, decoder_layers=3)
+        outputs = model(images, mask)
+        boxes = [*[aux["pred_boxes"] for aux in outputs["aux_outputs"]], outputs["pred_boxes"]][layer]
+        boxes.sum().backward()
+        grads = [head.layers[-1].weight.grad for head in model.box_heads]
+        reached = [g is not None and float(g.abs().sum()) > 0 for g in grads]
+        expected = [i == layer or (look_forward_twice and i == layer - 1) for i in range(3)]
+        assert reached == expected, (layer, reached)
+
+
+def test_two_stage_scoring_is_objectness_or_best_class():
+    """agnostic: a one-logit encoder head trained with every target relabelled to class 0;
+    class_aware: one logit per class."""
+    images, mask = batch()
+    agnostic = build(**PAPER_SWITCHES)
+    aware = build(**PAPER_SWITCHES, two_stage_scoring="class_aware")
+    assert agnostic.enc_class_head.out_features == 1 and aware.enc_class_head.out_features == 3
+    outputs = agnostic(images, mask)
+    criterion = SetCriterion(3)
+    _, logs = criterion(outputs, TARGETS)
+    relabelled = [{**t, "labels": torch.zeros_like(t["labels"])} for t in TARGETS]
+    expected = criterion.weighted(criterion.terms(outputs["enc_outputs"], relabelled, 3.0))
+    assert logs["enc"] == pytest.approx(float(expected.detach()), rel=1e-6)
+    with pytest.raises(ValueError, match="two_stage_scoring"):
+        build(**PAPER_SWITCHES, two_stage_scoring="dino")
+
+
+def test_invalid_proposals_are_ranked_with_their_constant_score():
+    """As in the reference, padded and border tokens stay in the ranking (zeroed memory, so one
+    constant score) and, when selected, give the box sigmoid(inf) = 1."""
+    images, mask = batch()
+    model = build(two_stage=True, box_refine=True, one2one_queries=20)
+    c = model.config.dim
+    direction = torch.randn(c, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # zeroed memory maps to LayerNorm(direction): make that the best objectness
+        model.enc_output.bias.copy_(direction)
+        model.enc_output_norm.weight.fill_(1.0), model.enc_output_norm.bias.zero_()
+        model.enc_class_head.weight.copy_((direction - direction.mean())[None])
+    captured = {}
+    model.decoder.register_forward_pre_hook(lambda module, args: captured.update(reference=args[2]))
     outputs = model(images, mask)
-    outputs["pred_boxes"].sum().backward()  # the last layer's boxes only
-    previous_head = model.box_heads[0].layers[-1].weight.grad
-    reached = previous_head is not None and previous_head.abs().sum() > 0
-    assert reached == look_forward_twice
+    logits, boxes = outputs["enc_outputs"]["pred_logits"], outputs["enc_outputs"]["pred_boxes"]
+    top = logits[..., 0].topk(20, dim=1).indices
+    expected = torch.gather(boxes, 1, top[..., None].expand(-1, -1, 4))
+    assert torch.allclose(captured["reference"], expected)
+    assert (captured["reference"][1] == 1.0).all(-1).sum() >= 10  # the padded image's invalid tokens won
+
+
+def test_query_selection_projects_to_both_halves():
+    """Mixed selection keeps the positional half of a 2C -> 2C projection (the reference's layer)."""
+    model = build(**PAPER_SWITCHES)
+    assert tuple(model.pos_trans.weight.shape) == (64, 64) and tuple(model.pos_trans_norm.weight.shape) == (64,)
+
+
+def test_transformer_weights_start_xavier_and_the_stem_can_be_frozen():
+    model = build(**PAPER_SWITCHES, backbone_frozen_stages=1)
+    bound = lambda w: (6 / sum(w.shape[:2])) ** 0.5  # noqa: E731 - xavier_uniform's bound
+    for weight in (model.encoder.layers[0].ffn[0].weight, model.decoder.layers[0].self_attn.out_proj.weight,
+                   model.enc_output.weight, model.pos_trans.weight):
+        # torch's default Linear init stays within 1/sqrt(fan_in), well below the xavier bound here
+        assert 0.9 * bound(weight) < float(weight.detach().abs().max()) <= bound(weight)
+    frozen = {name.split(".")[2] for name, p in model.named_parameters() if name.startswith("backbone.")
+              and not p.requires_grad}
+    trained = {name.split(".")[2] for name, p in model.named_parameters() if name.startswith("backbone.")
+               and p.requires_grad}
+    assert frozen == {"conv1", "bn1", "layer1"} and trained == {"layer2", "layer3", "layer4"}
+    # every layer's heads start as copies of one head, the encoder's class head as its first row
+    heads = [model.class_heads[0], *model.class_heads[1:]]
+    assert all(torch.equal(h.weight, heads[0].weight) for h in heads)
+    assert all(torch.equal(h.layers[0].weight, model.enc_box_head.layers[0].weight) for h in model.box_heads)
+    assert torch.equal(model.enc_class_head.weight, heads[0].weight[:1])
+
+
+def test_a_cnn_sees_the_batch_padded_only_to_its_largest_image():
+    """70x100: the reference's maps are 9x13, 5x7, 3x4 and 2x2 (not those of 96x128)."""
+    model = build(**PAPER_SWITCHES).eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(1, 3, 70, 100))
+    assert outputs["enc_outputs"]["pred_logits"].shape[1] == 9 * 13 + 5 * 7 + 3 * 4 + 2 * 2
 
 
 def test_postprocess_takes_the_top_query_class_pairs():

@@ -4,10 +4,12 @@ A target is a dict: ``boxes`` float [N, 4] (absolute pixel xyxy on the way in, n
 in [0, 1] on the way out), ``labels`` int64 [N], ``image_id`` int, ``orig_size`` int64 [2] (h, w of
 the image as read), ``size`` int64 [2] (h, w of the transformed, unpadded image).
 
-Training: random horizontal flip; with probability ``crop_prob`` a random crop whose sides are
-drawn in [crop[0], crop[1]] pixels (boxes clipped to it; boxes left at most 1 px wide or high are
-dropped with their labels); then a resize of the shorter side to a random one of ``scales``, capped
-so the longer side is at most ``max_size``. Evaluation: resize the shorter side to max(scales),
+Training (DETR's augmentation): random horizontal flip; then either (probability ``1 - crop_prob``)
+a resize of the shorter side to a random one of ``scales``, capped so the longer side is at most
+``max_size``, or (probability ``crop_prob``) a resize of the shorter side to a random one of
+``crop_resize`` (uncapped; skipped when null), a random crop whose sides are drawn in
+[crop[0], crop[1]] pixels (boxes clipped to it; boxes left with no area are dropped with their
+labels), and then that same multi-scale resize. Evaluation: resize the shorter side to max(scales),
 with the same cap. Random draws come from torch's global generator (seeded per sample by
 dfx.data.seeded), so a sample's augmentation depends only on its seed.
 """
@@ -18,16 +20,24 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-# a box at most this many pixels wide or high after a crop no longer shows its object
-MIN_BOX_SIDE = 1.0
+# a box at most this many pixels wide or high after a crop no longer shows its object (the
+# reference drops only boxes left with no area)
+MIN_BOX_SIDE = 0.0
 
 
 def resized_shape(height: int, width: int, shorter: int, max_size: int) -> tuple[int, int]:
-    """(h, w) with the shorter side ``shorter``, scaled down so the longer side is <= ``max_size``."""
-    scale = shorter / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    """(h, w) with the shorter side ``shorter``, reduced so the longer side is <= ``max_size``.
+
+    DETR's rounding, so that inputs match the reference pixel for pixel: a reduced shorter side is
+    rounded, the longer side is truncated (``int``), and an image already at size is left as is.
+    """
+    short, long = min(height, width), max(height, width)
+    if long / short * shorter > max_size:
+        shorter = int(round(max_size * short / long))
+    if short == shorter:
+        return height, width
+    other = max(1, int(shorter * long / short))
+    return (shorter, other) if height <= width else (other, shorter)
 
 
 class DetectionTransform:
@@ -37,7 +47,8 @@ class DetectionTransform:
     """
 
     def __init__(self, train: bool, scales: list[int], max_size: int, crop: list[int] | None = None,
-                 crop_prob: float = 0.5, hflip: float = 0.5, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+                 crop_prob: float = 0.5, hflip: float = 0.5, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                 crop_resize: list[int] | None = None):
         if not scales:
             raise ValueError("scales: expected at least one size for the shorter side")
         if crop is not None and (len(crop) != 2 or not 0 < crop[0] <= crop[1]):
@@ -46,6 +57,7 @@ class DetectionTransform:
         self.scales = [int(s) for s in scales]
         self.max_size = int(max_size)
         self.crop = crop
+        self.crop_resize = [int(s) for s in crop_resize] if crop_resize else None
         self.crop_prob = crop_prob
         self.hflip = hflip
         self.mean = list(mean)
@@ -63,6 +75,10 @@ class DetectionTransform:
             if torch.rand(()) < self.hflip:
                 image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
             if self.crop is not None and torch.rand(()) < self.crop_prob:
+                if self.crop_resize:
+                    shorter = self.crop_resize[int(torch.randint(len(self.crop_resize), ()))]
+                    size = list(resized_shape(image.height, image.width, shorter, max_size=1 << 30))  # uncapped
+                    image, boxes = F.resize(image, size, antialias=True), F.resize(boxes, size)
                 image, boxes, labels = self._random_crop(image, boxes, labels)
             shorter = self.scales[int(torch.randint(len(self.scales), ()))]
         else:

@@ -10,7 +10,9 @@ boxes in the batch (at least 1)::
 
 summed over the final decoder layer, every auxiliary layer, and (two-stage) the encoder proposals.
 H-DETR adds the same sum over the one-to-many group, matched against every target repeated ``k``
-times (``N`` becomes ``k·N``), times ``λ`` (``one2many_weight``). The encoder term is counted once.
+times (``N`` becomes ``k·N``), times ``λ`` (``one2many_weight``). The encoder term is counted once;
+an encoder head with one logit (class-agnostic two-stage scoring) is trained as objectness, every
+target relabelled 0.
 """
 
 from __future__ import annotations
@@ -80,7 +82,10 @@ class SetCriterion(nn.Module):
         logs = {f"loss_{name}": float(self.weights[name] * value.detach()) for name, value in last.items()}
         logs["one2one"] = float(total.detach())
         if "enc_outputs" in outputs:
-            enc = self.weighted(self.terms(outputs["enc_outputs"], targets, num_boxes))
+            enc_targets = targets
+            if outputs["enc_outputs"]["pred_logits"].shape[-1] == 1:
+                enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            enc = self.weighted(self.terms(outputs["enc_outputs"], enc_targets, num_boxes))
             logs["enc"] = float(enc.detach())
             total = total + enc
         if "one2many" in outputs and self.one2many_weight > 0:

@@ -4,10 +4,14 @@ One model; every variant is a :class:`DetectorConfig` value:
 
 - ``two_stage``: the encoder's tokens propose boxes (a class head and a box head on each token,
   relative to a fixed-size proposal at its position); the top-scoring proposals seed the queries.
+  ``two_stage_scoring``: ``agnostic`` (Deformable-DETR, H-DETR) scores a proposal by one
+  objectness logit, trained with every target relabelled to one class; ``class_aware`` (DINO)
+  gives the encoder head every class and ranks by the best one.
 - ``box_refine``: each decoder layer refines the previous layer's box (per-layer heads).
 - ``mixed_query_selection``: with two-stage, the selected boxes give only the *positional* queries;
   the content queries are learned embeddings.
-- ``look_forward_twice``: a layer's box is built on the previous layer's box with its gradient.
+- ``look_forward_twice``: a layer's box is built on the previous layer's refined box with its
+  gradient, so its box loss trains its own box head and the previous layer's (no further back).
 - ``one2many_queries`` > 0: H-DETR's extra group, trained with one-to-many matching. The two groups
   share every layer but cannot see each other in self-attention; at inference (``model.eval()``)
   only the ``one2one_queries`` run, so inference costs what the baseline costs.
@@ -16,12 +20,13 @@ Output of ``forward(images [B, 3, H, W], mask [B, H, W] True at padding)``::
 
     {"pred_logits": [B, Q1, K], "pred_boxes": [B, Q1, 4] (cxcywh in [0, 1] of the unpadded image),
      "aux_outputs": [{"pred_logits", "pred_boxes"}] * (decoder_layers - 1),
-     "enc_outputs": {"pred_logits": [B, S, K], "pred_boxes": [B, S, 4]}          (two-stage only),
+     "enc_outputs": {"pred_logits": [B, S, K or 1], "pred_boxes": [B, S, 4]}     (two-stage only),
      "one2many": {"pred_logits": [B, Q2, K], "pred_boxes", "aux_outputs"}        (training, Q2 > 0)}
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -29,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from dfx.detection.backbone import Backbone, InputProjection
+from dfx.detection.deformable_attention import MultiScaleDeformableAttention
 from dfx.detection.position import box_position_encoding, pixel_position_encoding
 from dfx.detection.transformer import Decoder, Encoder, inverse_sigmoid
 
@@ -42,6 +48,7 @@ class DetectorConfig:
     pretrained: str | None = None  # backbone weights: a dfx.hub spec (r50, a timm name, a file, hf://); None: random
     backbone_kwargs: dict = field(default_factory=dict)  # extra timm arguments, e.g. narrower channels
     frozen_bn: bool = True
+    backbone_frozen_stages: int = 0  # 1: the stem and first stage stay fixed (the reference's choice)
     dim: int = 256
     heads: int = 8
     levels: int = 4
@@ -51,6 +58,7 @@ class DetectorConfig:
     ffn_dim: int = 1024
     dropout: float = 0.1
     two_stage: bool = False
+    two_stage_scoring: str = "agnostic"  # or "class_aware": rank proposals by their best class (DINO)
     box_refine: bool = False
     mixed_query_selection: bool = False
     look_forward_twice: bool = False
@@ -72,6 +80,10 @@ class DetectorConfig:
             raise ValueError("mixed_query_selection selects queries from two-stage proposals: set two_stage: true")
         if self.look_forward_twice and not self.box_refine:
             raise ValueError("look_forward_twice builds on iterative box refinement: set box_refine: true")
+        if self.two_stage_scoring not in ("agnostic", "class_aware"):
+            raise ValueError(f"two_stage_scoring must be 'agnostic' or 'class_aware', got {self.two_stage_scoring!r}")
+        if self.backbone_frozen_stages < 0:
+            raise ValueError(f"backbone_frozen_stages must be >= 0, got {self.backbone_frozen_stages}")
         if self.hybrid_attention not in ("grouped", "masked"):
             raise ValueError(f"hybrid_attention must be 'grouped' or 'masked', got {self.hybrid_attention!r}")
         if self.encoder_layers < 1 or self.decoder_layers < 1:
@@ -117,7 +129,8 @@ class DeformableDETR(nn.Module):
         self.config = config
         c = config.dim
         self.backbone = Backbone(config.backbone, config.pretrained, num_outs=min(3, config.levels),
-                                 frozen_bn=config.frozen_bn, kwargs=config.backbone_kwargs)
+                                 frozen_bn=config.frozen_bn, kwargs=config.backbone_kwargs,
+                                 frozen_stages=config.backbone_frozen_stages)
         self.input_proj = InputProjection(self.backbone.channels, c, config.levels)
         self.level_embed = nn.Parameter(torch.empty(config.levels, c).normal_())
         layer = dict(dim=c, heads=config.heads, levels=config.levels, points=config.points, ffn_dim=config.ffn_dim,
@@ -126,27 +139,48 @@ class DeformableDETR(nn.Module):
         self.decoder = Decoder(config.decoder_layers, config.box_refine, config.look_forward_twice, **layer)
 
         heads = config.decoder_layers if config.box_refine else 1
-        self.class_heads = nn.ModuleList(_class_head(c, config.num_classes) for _ in range(heads))
-        self.box_heads = nn.ModuleList(_box_head(c) for _ in range(heads))
+        # as in the reference, every layer's (and the encoder's) heads start as copies of one head
+        class_head, box_head = _class_head(c, config.num_classes), _box_head(c)
+        self.class_heads = nn.ModuleList(copy.deepcopy(class_head) for _ in range(heads))
+        self.box_heads = nn.ModuleList(copy.deepcopy(box_head) for _ in range(heads))
         total = config.one2one_queries + config.one2many_queries
         if config.two_stage:
             self.enc_output = nn.Linear(c, c)
             self.enc_output_norm = nn.LayerNorm(c)
-            self.enc_class_head = _class_head(c, config.num_classes)
-            self.enc_box_head = _box_head(c)
-            pos_dim = c if config.mixed_query_selection else 2 * c
-            self.pos_trans = nn.Linear(2 * c, pos_dim)
-            self.pos_trans_norm = nn.LayerNorm(pos_dim)
+            rows = 1 if config.two_stage_scoring == "agnostic" else config.num_classes  # 1: objectness
+            self.enc_class_head = nn.Linear(c, rows)
+            with torch.no_grad():
+                self.enc_class_head.weight.copy_(class_head.weight[:rows])
+                self.enc_class_head.bias.copy_(class_head.bias[:rows])
+            self.enc_box_head = copy.deepcopy(box_head)
+            # both halves are computed even with mixed selection, which keeps only the positional one
+            self.pos_trans = nn.Linear(2 * c, 2 * c)
+            self.pos_trans_norm = nn.LayerNorm(2 * c)
             if config.mixed_query_selection:
                 self.content_queries = nn.Embedding(total, c)
         else:
             self.query_embed = nn.Embedding(total, 2 * c)  # positional and content halves
             self.reference_points = nn.Linear(c, 2)
-            nn.init.xavier_uniform_(self.reference_points.weight)
-            nn.init.zeros_(self.reference_points.bias)
-        if not config.box_refine:
-            # without refinement every layer predicts relative to a fixed reference; start at w=h~0.12
+        self._init_transformer()
+        if not config.two_stage:
+            # boxes predicted around a point reference start at w = h ~ 0.12 (two-stage ones start
+            # from the proposal's own size)
             nn.init.constant_(self.box_heads[0].layers[-1].bias[2:], -2.0)
+
+    def _init_transformer(self) -> None:
+        """The reference's initialisation: xavier on every weight matrix of the encoder, decoder and
+        query-selection layers, then the deformable attention's sampling pattern."""
+        modules = [self.encoder, self.decoder]
+        modules += [self.enc_output, self.pos_trans] if self.config.two_stage else [self.reference_points]
+        for module in modules:
+            for param in module.parameters():
+                if param.dim() > 1:
+                    nn.init.xavier_uniform_(param)
+        for module in self.modules():
+            if isinstance(module, MultiScaleDeformableAttention):
+                module.reset_parameters()
+        if not self.config.two_stage:
+            nn.init.zeros_(self.reference_points.bias)
 
     # ------------------------------------------------------------------------------------------
     def _box_delta(self, layer: int, states: Tensor) -> Tensor:
@@ -175,7 +209,9 @@ class DeformableDETR(nn.Module):
         """One box per encoder token: its pixel centre, side ``proposal_size · 2^level``.
 
         Returns the memory with padded and border tokens zeroed, projected [B, S, C], and the
-        proposals before the sigmoid [B, S, 4] (+inf where invalid, so they are never selected).
+        proposals before the sigmoid [B, S, 4] (+inf where invalid: padding, or a proposal within
+        1% of the border). As in the reference, invalid tokens stay in the ranking with the score
+        their zeroed memory gets.
         """
         proposals, start = [], 0
         for level, (height, width) in enumerate(shapes):
@@ -209,24 +245,23 @@ class DeformableDETR(nn.Module):
         enc_logits = self.enc_class_head(enc_memory)
         enc_boxes = self.enc_box_head(enc_memory) + proposals  # before the sigmoid
         out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes.sigmoid()}
-        # Rank tokens by their best class score (DINO's selection; inf proposals are out of range).
-        scores = enc_logits.max(-1).values.masked_fill(~torch.isfinite(enc_boxes).all(-1), float("-inf"))
-        top = scores.topk(min(num_queries, scores.shape[1]), dim=1).indices
-        if top.shape[1] < num_queries:
+        if enc_logits.shape[1] < num_queries:
             raise ValueError(f"two-stage selection needs {num_queries} encoder tokens, the image gives only "
-                             f"{top.shape[1]}: use larger images or fewer queries")
+                             f"{enc_logits.shape[1]}: use larger images or fewer queries")
+        # agnostic: the objectness logit (the head's one row); class-aware: the best class
+        scores = enc_logits[..., 0] if self.config.two_stage_scoring == "agnostic" else enc_logits.max(-1).values
+        top = scores.topk(num_queries, dim=1).indices
         reference = torch.gather(enc_boxes, 1, top[..., None].expand(-1, -1, 4)).detach().sigmoid()
         pos = self.pos_trans_norm(self.pos_trans(box_position_encoding(reference, c // 2)))
+        query_pos, content = pos.split(c, -1)
         if self.config.mixed_query_selection:
             content = self.content_queries(torch.arange(num_queries, device=memory.device))[None].expand(batch, -1, -1)
-            return content, pos, reference
-        query_pos, content = pos.split(c, -1)
         return content, query_pos, reference
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-        maps, masks = self.input_proj(self.backbone(images, mask))
+        maps, masks = self.input_proj(*self.backbone(images, mask))
         src, pos, flat_mask, spatial_shapes, shapes, valid_ratios = self._flatten(maps, masks)
         memory = self.encoder(src, pos, spatial_shapes, shapes, valid_ratios, flat_mask)
 

@@ -110,10 +110,11 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """Decoder layers with per-layer box predictions.
 
-    box_refine: each layer's predicted box becomes the next layer's reference (detached).
-    look_forward_twice: a layer's prediction is built on the previous layer's prediction *with* its
-    gradient, so the box loss of layer l also trains layer l-1's box head (the reference used for
-    sampling stays detached).
+    box_refine: each layer refines its reference into a new box, the next layer's reference
+    (detached).
+    look_forward_twice: layer l's prediction is built on layer l-1's refined box *with* its
+    gradient, so layer l's box loss trains box heads l and l-1; that refined box was itself built on
+    a detached reference, so the gradient goes no further back.
     """
 
     def __init__(self, num_layers: int, box_refine: bool, look_forward_twice: bool, **layer):
@@ -131,18 +132,24 @@ class Decoder(nn.Module):
         states, boxes = [], []
         mask = group_attention_mask(groups, tgt.device) if masked and len(groups) > 1 else None  # once, all layers
         sampling_ref, prediction_ref = reference, reference
-        scale = valid_ratios if reference.shape[-1] == 2 else torch.cat((valid_ratios, valid_ratios), -1)
         for index, layer in enumerate(self.layers):
+            # a point reference becomes a box after the first refinement
+            scale = valid_ratios if sampling_ref.shape[-1] == 2 else torch.cat((valid_ratios, valid_ratios), -1)
             tgt = layer(tgt, query_pos, sampling_ref[:, :, None] * scale[:, None], memory, spatial_shapes,
                         memory_mask, groups, mask)
             delta = box_head(index, tgt)
-            base = inverse_sigmoid(prediction_ref)
-            if base.shape[-1] == 2:
-                base = torch.cat((base, torch.zeros_like(base)), -1)
-            box = (delta + base).sigmoid()
             states.append(tgt)
-            boxes.append(box)
+            boxes.append(_refine(prediction_ref, delta))
             if self.box_refine:
-                sampling_ref = box.detach()
-                prediction_ref = box if self.look_forward_twice else sampling_ref
+                refined = _refine(sampling_ref, delta)  # equal in value to the box; its gradient stops here
+                sampling_ref = refined.detach()
+                prediction_ref = refined if self.look_forward_twice else sampling_ref
         return states, boxes
+
+
+def _refine(reference: Tensor, delta: Tensor) -> Tensor:
+    """A box [B, Q, 4] from a reference [B, Q, 2|4] in [0, 1] and deltas before the sigmoid."""
+    base = inverse_sigmoid(reference)
+    if base.shape[-1] == 2:
+        base = torch.cat((base, torch.zeros_like(base)), -1)
+    return (delta + base).sigmoid()

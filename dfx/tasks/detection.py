@@ -24,7 +24,7 @@ from torch import Tensor
 from dfx.data.coco import CocoDetection
 from dfx.data.det_transforms import DetectionTransform, collate_detection
 from dfx.data.formats import SPLITS, DetectionData, find_detection_data
-from dfx.detection import DeformableDETR, DetectorConfig, HungarianMatcher, SetCriterion, postprocess
+from dfx.detection import DeformableDETR, DetectorConfig, HungarianMatcher, SetCriterion, official, postprocess
 from dfx.errors import UsageError
 from dfx.weights import load_recipe_weights
 from dfx.files import write_text_atomic
@@ -41,6 +41,7 @@ class ModelConfig(DetectorConfig, WeightsConfig):
 
     num_classes: int = 0
     hybrid_attention: Literal["grouped", "masked"] = "grouped"
+    two_stage_scoring: Literal["agnostic", "class_aware"] = "agnostic"
     one2many_k: int = 6
     one2many_weight: float = 1.0
     detections: int = 100  # kept per image after top-k post-processing
@@ -113,9 +114,11 @@ class DataConfig:
     scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
     max_size: int = 1333
     crop: Union[list[int], None] = field(default_factory=lambda: [384, 600])  # random crop side range; null: none
+    crop_resize: Union[list[int], None] = field(default_factory=lambda: [400, 500, 600])  # shorter side before a crop
     crop_prob: float = 0.5
     hflip: float = 0.5
     category_ids: Union[list[int], None] = None  # the classes, as annotation category ids; null: all in the file
+    classes: Union[list[str], None] = None  # their names, so a model builds without the data (dfx.create_model)
     skip_invalid: bool = False  # drop (and count) invalid boxes, labels and images instead of failing
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -127,6 +130,12 @@ class DataConfig:
             raise UsageError(f"{prefix}.max_size {self.max_size} is below the largest scale {max(self.scales)}")
         if self.crop is not None and (len(self.crop) != 2 or not 0 < self.crop[0] <= self.crop[1]):
             raise UsageError(f"{prefix}.crop: expected [min, max] side in pixels or null, got {self.crop}")
+        if self.crop_resize is not None and (not self.crop_resize or min(self.crop_resize) < 1):
+            raise UsageError(f"{prefix}.crop_resize: expected shorter-side sizes in pixels or null, got "
+                             f"{self.crop_resize}")
+        if self.classes is not None and self.category_ids is not None and len(self.classes) != len(self.category_ids):
+            raise UsageError(f"{prefix}.classes names {len(self.classes)} classes but {prefix}.category_ids lists "
+                             f"{len(self.category_ids)}; give one name per id")
         for name in ("crop_prob", "hflip"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UsageError(f"{prefix}.{name}: expected a probability in [0, 1], got {getattr(self, name)}")
@@ -186,7 +195,8 @@ class Task:
         data = self.recipe.data
         source = self.data().split(split)
         transform = DetectionTransform(split == "train", scales=data.scales, max_size=data.max_size, crop=data.crop,
-                                       crop_prob=data.crop_prob, hflip=data.hflip, mean=data.mean, std=data.std)
+                                       crop_resize=data.crop_resize, crop_prob=data.crop_prob, hflip=data.hflip,
+                                       mean=data.mean, std=data.std)
         # a split without some class (val often lacks a rare one) still gets the model's classes, by name
         dataset = CocoDetection(source.images, source.ann_file, transform, category_ids=data.category_ids,
                                 skip_invalid=data.skip_invalid, annotations=source.annotations,
@@ -209,11 +219,20 @@ class Task:
         if self.classes is None:
             self.dataset("val")
         try:
-            model = DeformableDETR(self.recipe.model.detector_config(len(self.classes)))
+            config = self.recipe.model.detector_config(len(self.classes))
+            model = DeformableDETR(config)
         except ValueError as e:
             raise UsageError(f"model: {e}") from None
-        load_recipe_weights(model, self.recipe.model)
+        load_recipe_weights(model, self.recipe.model, converters=[official.converter(config, self.category_ids())],
+                            formats=[official.FORMAT], hint=official.hint)
         return model
+
+    def category_ids(self) -> list[int] | None:
+        """The classes as dataset category ids (how released class heads are indexed), if known."""
+        if self.recipe.data.category_ids is not None:
+            return list(self.recipe.data.category_ids)
+        read = next(iter(self._datasets.values()), None)
+        return list(read.category_ids) if read is not None else None
 
     def criterion(self) -> SetCriterion:
         loss, model = self.recipe.loss, self.recipe.model
