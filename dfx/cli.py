@@ -11,8 +11,9 @@ import os
 import signal
 import sys
 import traceback
+from enum import Enum
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Annotated, Callable, List, Optional
 
 import typer
 from rich.console import Console
@@ -34,7 +35,7 @@ app = typer.Typer(
     name="dfx",
     help="Efficient vision transformers for dense prediction: train, evaluate and benchmark from YAML recipes.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -44,6 +45,30 @@ err = Console(stderr=True)
 JSON_HELP = "Print exactly one JSON object on stdout; logs go to stderr."
 DEBUG_HELP = "Show the full traceback on errors."
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+
+
+def _complete_device(incomplete: str) -> list[str]:
+    return [d for d in ("auto", "cpu", "cuda", "cuda:0", "cuda:1") if d.startswith(incomplete)]
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+def _complete_fusion(incomplete: str) -> list[str]:
+    from dfx.fusion.strategies import FUSIONS
+
+    return [f for f in FUSIONS if f.startswith(incomplete)]
+
+
+# The options most commands share, declared once.
+JsonOption = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
+DebugOption = Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+DeviceOption = Annotated[str, typer.Option("--device", help=DEVICE_HELP, autocompletion=_complete_device)]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")]
 WEIGHTS_HELP = "A run directory, a dfx checkpoint, or a recipe with model.weights=FILE among the overrides."
 CLUSTER_RATIO_HELP = "Expedit token clustering: share of the patch tokens kept after block L, in (0, 1]."
 ALPHA_HELP = "Blocks run at full resolution before clustering, 1..depth (default 40% of the depth)."
@@ -208,14 +233,23 @@ def train(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<task>/<recipe>[-N])."),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="[RUN]",
                                          help="Continue the latest run of this recipe, or RUN, from its last checkpoint."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    device: DeviceOption = "auto",
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Launch N processes on this node with torchrun."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    dry_run: DryRunOption = False,
+    quiet: QuietOption = False,
+    json_out: JsonOption = False,
+    debug: DebugOption = False,
 ) -> None:
-    """Train a model from a YAML recipe."""
+    """Train a model from a YAML recipe.
+
+    Examples:
+
+      dfx train recipes/hdetr-shapes.yaml
+
+      dfx train recipes/cls-shapes.yaml train.epochs=30 train.lr=1e-3 --resume
+
+      dfx train recipes/hdetr.yaml data.root=/data/coco --nproc-per-node 8
+    """
     overrides = overrides or []
     if nproc_per_node > 1 and "RANK" not in os.environ and not dry_run:
         from dfx.engine.distributed import launch
@@ -257,13 +291,22 @@ def eval_(
                                                     "--annotations instead of running a model."),
     annotations: Optional[Path] = typer.Option(None, "--annotations", metavar="FILE",
                                                help="The COCO annotation JSON --predictions are scored against."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
+    json_out: JsonOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Evaluate a trained run (best checkpoint), a checkpoint file or a recipe's model.weights on validation
-    data, or a COCO results file (--predictions FILE --annotations FILE)."""
+    data, or a COCO results file (--predictions FILE --annotations FILE).
+
+    Examples:
+
+      dfx eval runs/detection/hdetr-shapes --json
+
+      dfx eval recipes/hdetr.yaml model.weights=h_deformable_detr_r50.pth data.root=/data/coco
+
+      dfx eval --predictions results.json --annotations instances_val2017.json
+    """
     extra = list(overrides or []) + ([f"data.root={data}"] if data else [])
 
     def work() -> dict:
@@ -307,12 +350,19 @@ def data_check(
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides, e.g. data.skip_invalid=true."),
     no_decode: bool = typer.Option(False, "--no-decode", help="Do not decode every image (faster on large data; "
                                                               "finds missing and non-image files only)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    quiet: QuietOption = False,
+    json_out: JsonOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Read a detection dataset the way training will: format, splits, boxes per class, image sizes and
-    every problem (exit 1 when training would fail)."""
+    every problem (exit 1 when training would fail).
+
+    Examples:
+
+      dfx data check ../shared/data/chess-pieces-coco
+
+      dfx data check recipes/hdetr.yaml data.root=/data/coco --json
+    """
     items = list(overrides or [])
     if target is not None and "=" in target and not Path(target).exists():  # only overrides given
         items.insert(0, target)
@@ -359,22 +409,31 @@ def bench(
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size (default: the model's)."),
     warmup: int = typer.Option(5, "--warmup", help="Unmeasured passes first."),
     repeats: int = typer.Option(20, "--repeats", help="Measured passes."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Weights and inputs in this type."),
     cluster_ratio: Optional[float] = typer.Option(None, "--cluster-ratio", metavar="R",
                                                   help=CLUSTER_RATIO_HELP + " Measures baseline and clustered side by "
                                                        "side."),
     alpha: Optional[int] = typer.Option(None, "--alpha", metavar="L", help=ALPHA_HELP),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    device: DeviceOption = "auto",
+    json_out: JsonOption = False,
+    debug: DebugOption = False,
 ) -> None:
-    """Measure inference latency, throughput, parameters, GFLOPs and peak memory."""
+    """Measure inference latency, throughput, parameters, GFLOPs and peak memory.
+
+    Examples:
+
+      dfx bench --model vit_base_patch16_224 --batch 8
+
+      dfx bench --model vit_large_patch16_384 --cluster-ratio 0.5
+
+      dfx bench --model runs/detection/hdetr-shapes --json
+    """
 
     def work() -> dict:
         from dfx.bench import bench as run_bench
 
         return run_bench(model, batch=batch, image_size=image_size, warmup=warmup, repeats=repeats,
-                         device=device, dtype=dtype, cluster_ratio=cluster_ratio, alpha=alpha)
+                         device=device, dtype=dtype.value, cluster_ratio=cluster_ratio, alpha=alpha)
 
     def show(result: dict) -> None:
         title = f"{result['model']} @ {result['image_size']}px, batch {result['batch']}"
@@ -437,12 +496,19 @@ def cluster(
                                          "model's feature scale (0.02 is the paper's value for Segmenter ViT-L)."),
     k: int = typer.Option(20, "--k", help="Clusters each token is reconstructed from."),
     no_metric: bool = typer.Option(False, "--no-metric", help="Skip the task metric on the validation split."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
+    json_out: JsonOption = False,
+    debug: DebugOption = False,
 ) -> None:
-    """Accelerate a ViT with Expedit token clustering (no training) and measure what changes."""
+    """Accelerate a ViT with Expedit token clustering (no training) and measure what changes.
+
+    Examples:
+
+      dfx cluster --model runs/segmentation/segmenter-shapes --cluster-ratio 0.5
+
+      dfx cluster --model vit_base_patch16_384 --cluster-ratio 0.25 --json
+    """
 
     def work() -> dict:
         from dfx.cluster_report import cluster_report
@@ -506,13 +572,20 @@ def distill(
     resume: Optional[str] = typer.Option(None, "--resume", metavar="[RUN]",
                                          help="Continue the latest run of this recipe, or RUN, from its last "
                                               "checkpoint."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    device: DeviceOption = "auto",
+    dry_run: DryRunOption = False,
+    quiet: QuietOption = False,
+    json_out: JsonOption = False,
+    debug: DebugOption = False,
 ) -> None:
-    """Distil a teacher ViT into a smaller student with KD and manifold relation losses."""
+    """Distil a teacher ViT into a smaller student with KD and manifold relation losses.
+
+    Examples:
+
+      dfx distill
+
+      dfx distill recipes/distill-deit-tiny.yaml --teacher deit-b data.root=/data/imagenet
+    """
     overrides = list(overrides or [])
     if recipe is not None and "=" in str(recipe) and not recipe.is_file():  # no RECIPE given, only overrides
         overrides.insert(0, str(recipe))
@@ -535,19 +608,28 @@ def distill(
 def fuse(
     recipe: Path = typer.Argument(..., help="Fusion recipe, e.g. recipes/gemini-shapes.yaml."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides: section.key=value ..."),
-    fusion: Optional[str] = typer.Option(None, "--fusion", metavar="NAME",
-                                         help="gemini, cross-attn, exchange, concat or none (sets model.fusion)."),
+    fusion: Optional[str] = typer.Option(None, "--fusion", metavar="[gemini|cross-attn|exchange|concat|none]",
+                                         autocompletion=_complete_fusion, help="The fusion strategy (sets model.fusion)."),
     compare: Optional[str] = typer.Option(None, "--compare", metavar="LIST",
                                           help="Train each listed strategy (comma-separated) with the same data, "
                                                "seed and schedule; print and save a table."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/fusion/<recipe>[-N])."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    device: DeviceOption = "auto",
+    dry_run: DryRunOption = False,
+    quiet: QuietOption = False,
+    json_out: JsonOption = False,
+    debug: DebugOption = False,
 ) -> None:
-    """Train and evaluate multi-modal segmentation (GeminiFusion), or compare fusion strategies."""
+    """Train and evaluate multi-modal segmentation (GeminiFusion), or compare fusion strategies.
+
+    Examples:
+
+      dfx fuse recipes/gemini-shapes.yaml
+
+      dfx fuse recipes/gemini-shapes.yaml --compare none,concat,exchange,cross-attn,gemini
+
+      dfx fuse recipes/gemini-nyudv2-mitb3.yaml data.root=~/data/nyudv2 model.pretrained=mit_b3.pth
+    """
     overrides = list(overrides or [])
 
     def work() -> dict:
@@ -579,10 +661,10 @@ def compare(
     jobs: int = typer.Option(1, "--jobs", "-j", help="Runs trained at once (the CPU threads are shared out)."),
     name: Optional[str] = typer.Option(None, "--name", help="Comparison name (default: the recipes' stems)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Comparison folder (default runs/compare/<name>)."),
-    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    device: DeviceOption = "cpu",
+    quiet: QuietOption = False,
+    json_out: JsonOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Train recipe variants over several seeds and compare them with paired confidence intervals.
 
@@ -650,12 +732,19 @@ def predict(
                                          help="Detection: keep boxes scoring >= T (default 0.25). Segmentation: "
                                               "pixels below T get 255. Classification: list classes >= T."),
     batch: int = typer.Option(4, "--batch", help="Images per forward pass."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
+    json_out: JsonOption = False,
+    debug: DebugOption = False,
 ) -> None:
-    """Run a trained model on images: pictures, COCO results / label maps and one JSON line per image."""
+    """Run a trained model on images: pictures, COCO results / label maps and one JSON line per image.
+
+    Examples:
+
+      dfx predict runs/detection/hdetr-shapes photos/ --conf 0.3
+
+      dfx predict runs/fusion/gemini-shapes rgb/ --modality depth=depth/
+    """
     items = list(sources or [])
     overrides = [s for s in items if "=" in s and not Path(s).exists()]
     paths = [s for s in items if s not in overrides]
@@ -697,10 +786,17 @@ def export(
                                                         "from the recipe."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="model.onnx file or folder (default "
                                                                "runs/export/<name>[-N]/model.onnx)."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    json_out: JsonOption = False,
+    debug: DebugOption = False,
 ) -> None:
-    """Export a trained model to ONNX and check it with onnxruntime against PyTorch."""
+    """Export a trained model to ONNX and check it with onnxruntime against PyTorch.
+
+    Examples:
+
+      dfx export runs/detection/hdetr-shapes --image photo.jpg
+
+      dfx export runs/classification/cls-shapes --dynamic-batch --json
+    """
 
     def work() -> dict:
         from dfx.export import export as run_export
@@ -717,6 +813,38 @@ def export(
         diffs = ", ".join(f"{k} {v:.2e}" for k, v in check["per_output"].items())
         out.print(f"onnxruntime vs PyTorch on {check['input']}: max |diff| {diffs} (tolerance {check['tolerance']:g}): "
                   f"{'ok' if check['passed'] else 'FAILED'}", highlight=False)
+
+    run(work, json_out=json_out, debug=debug, show=show)
+
+
+@app.command()
+def recipes(
+    folder: Optional[Path] = typer.Argument(None, help="Where the recipes are (default ./recipes, else the ones "
+                                                        "beside the dfx source)."),
+    json_out: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """List the recipes with their task and the first line of their header comment.
+
+    Examples:
+
+      dfx recipes
+
+      dfx recipes my-recipes/ --json
+    """
+
+    def work() -> dict:
+        from dfx.recipe import list_recipes
+
+        return {"recipes": list_recipes(folder)}
+
+    def show(result: dict) -> None:
+        table = Table(show_header=True, box=None)
+        for column in ("recipe", "task", "what"):
+            table.add_column(column, overflow="fold")
+        for item in result["recipes"]:
+            table.add_row(Text(item["path"]), item["task"] or "-", Text(item["summary"]))
+        out.print(table)
 
     run(work, json_out=json_out, debug=debug, show=show)
 

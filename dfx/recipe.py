@@ -431,3 +431,24 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def recipe_from_json(text: str, name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Rebuild a recipe stored as JSON (e.g. in checkpoint metadata)."""
     return build_recipe(apply_overrides(json.loads(text), list(overrides)), name=name)
+
+
+def list_recipes(folder: str | Path | None = None) -> list[dict]:
+    """``[{"path", "task", "summary"}]`` for every recipe in ``folder`` (default ``./recipes``, else the
+    recipes beside the dfx source); summary: the first line of the file's header comment."""
+    if folder is None:
+        here = Path("recipes")
+        folder = here if here.is_dir() else Path(__file__).resolve().parents[1] / "recipes"
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such folder of recipes; pass the folder that holds your .yaml recipes")
+    found = []
+    for path in sorted(folder.glob("*.y*ml")):
+        lines = path.read_text().splitlines()
+        comment = next((line.lstrip("# ").strip() for line in lines if line.startswith("#") and line.strip("# ")), "")
+        try:
+            task = load_tree(path).get("task")  # through _base_ parents
+        except UsageError:
+            task = None
+        found.append({"path": str(path), "task": task, "summary": comment})
+    return found

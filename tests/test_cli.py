@@ -154,3 +154,29 @@ def test_sigterm_stops_cleanly_with_one_json_object(tiny_recipe, tmp_path):
     payload = json.loads(stdout)
     assert payload["exit_code"] == 143 and "SIGTERM" in payload["error"] and "--resume" in payload["error"]
     assert (run / "recipe.yaml").is_file() and not [p for p in run.rglob("*") if ".tmp-" in p.name]
+
+
+def test_recipes_lists_every_shipped_recipe_with_its_task_and_header():
+    from typer.testing import CliRunner
+
+    from dfx.cli import app
+
+    result = CliRunner().invoke(app, ["recipes", str(Path(__file__).resolve().parents[1] / "recipes"), "--json"])
+    assert result.exit_code == 0, result.output
+    listed = {Path(r["path"]).name: r for r in json.loads(result.stdout)["recipes"]}
+    assert listed["hdetr.yaml"]["task"] == "detection"
+    assert listed["deformable-detr-shapes.yaml"]["task"] == "detection"  # through its _base_
+    assert listed["hdetr.yaml"]["summary"].startswith("H-Deformable-DETR, ResNet-50, COCO")
+    shipped = {p.name for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")}
+    assert set(listed) == shipped
+
+
+def test_shared_options_show_their_choices_and_bad_choices_exit_2():
+    from typer.testing import CliRunner
+
+    from dfx.cli import app
+
+    runner = CliRunner()
+    assert "<float32|float16|bfloat16>" in runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "200"}).output
+    bad = runner.invoke(app, ["bench", "--dtype", "half"])
+    assert bad.exit_code == 2 and "'half' is not one of" in bad.output
