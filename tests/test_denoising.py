@@ -243,6 +243,13 @@ def test_a_training_step_reaches_the_label_embedding_and_a_small_budget_falls_ba
     assert torch.isfinite(total) and logs["dn_groups"] == 1
     grad = model.dn_label_embed.weight.grad
     assert grad[[0, 1, 2]].abs().sum() > 0
+    # a batch without objects: no denoising part, yet the embedding takes part in the graph (DDP)
+    model.zero_grad()
+    empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
+    out = model(images(), None, empty)
+    total, logs = SetCriterion(3)(out, empty)
+    total.backward()
+    assert "dn" not in out and "dn" not in logs and model.dn_label_embed.weight.grad is not None
 
 
 # --- recipes and bad input ------------------------------------------------------------------------

@@ -258,8 +258,8 @@ class DeformableDETR(nn.Module):
         """DINO: noised targets as queries placed before the matching ones (None when the batch has no object)."""
         dn = noised_queries(targets, self.config.dn_queries, self.config.num_classes, self.config.label_noise,
                             self.config.box_noise)
-        if dn is None:
-            return None, content, query_pos, reference
+        if dn is None:  # no object in the batch; touch the embedding so DDP sees every parameter used
+            return None, content + 0.0 * self.dn_label_embed.weight[0, 0], query_pos, reference
         dn_content = self.dn_label_embed(dn.labels) * dn.present[..., None]  # padding slots: zero content
         dn_pos = self._box_position(dn.boxes)[..., : self.config.dim]
         return (dn, torch.cat((dn_content, content), 1), torch.cat((dn_pos, query_pos), 1),
