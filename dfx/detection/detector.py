@@ -255,7 +255,8 @@ class DeformableDETR(nn.Module):
         return self.pos_trans_norm(self.pos_trans(box_position_encoding(reference, self.config.dim // 2)))
 
     def _add_denoising(self, targets, content: Tensor, query_pos: Tensor, reference: Tensor):
-        """DINO: noised targets as queries placed before the matching ones (None when the batch has no object)."""
+        """DINO: noised targets as queries placed before the matching ones -> (DenoisingQueries or None
+        when the batch has no object, content, query_pos, reference)."""
         dn = noised_queries(targets, self.config.dn_queries, self.config.num_classes, self.config.label_noise,
                             self.config.box_noise)
         if dn is None:  # no object in the batch; touch the embedding so DDP sees every parameter used
