@@ -13,6 +13,7 @@ H-DETR adds the same sum over the one-to-many group, matched against every targe
 times (``N`` becomes ``k·N``), times ``λ`` (``one2many_weight``). The encoder term is counted once;
 an encoder head with one logit (class-agnostic two-stage scoring) is trained as objectness, every
 target relabelled 0.
+DINO adds the same sum over its denoising queries (:func:`dfx.detection.denoising.denoising_loss`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
+from dfx.detection.denoising import denoising_loss
 from dfx.detection.matcher import HungarianMatcher, repeat_targets
 
 
@@ -92,6 +94,10 @@ class SetCriterion(nn.Module):
             many, _ = self.group_loss(outputs["one2many"], targets, num_boxes * self.one2many_k, self.one2many_k)
             logs["one2many"] = float(many.detach())
             total = total + self.one2many_weight * many
+        if "dn" in outputs:  # DINO's denoising part: every decoder layer, fixed matching
+            dn = denoising_loss(self, outputs["dn"], targets, num_boxes)
+            logs["dn"], logs["dn_groups"] = float(dn.detach()), outputs["dn"]["groups"]
+            total = total + dn
         return total, logs
 
 

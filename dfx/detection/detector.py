@@ -15,13 +15,18 @@ One model; every variant is a :class:`DetectorConfig` value:
 - ``one2many_queries`` > 0: H-DETR's extra group, trained with one-to-many matching. The two groups
   share every layer but cannot see each other in self-attention; at inference (``model.eval()``)
   only the ``one2one_queries`` run, so inference costs what the baseline costs.
+- ``dn_queries`` > 0: DINO's contrastive denoising (:mod:`dfx.detection.denoising`): in training,
+  ``forward(images, mask, targets)`` adds noised ground-truth queries before the matching ones,
+  under an attention mask; nothing of it runs at inference.
 
 Output of ``forward(images [B, 3, H, W], mask [B, H, W] True at padding)``::
 
     {"pred_logits": [B, Q1, K], "pred_boxes": [B, Q1, 4] (cxcywh in [0, 1] of the unpadded image),
      "aux_outputs": [{"pred_logits", "pred_boxes"}] * (decoder_layers - 1),
      "enc_outputs": {"pred_logits": [B, S, K or 1], "pred_boxes": [B, S, 4]}     (two-stage only),
-     "one2many": {"pred_logits": [B, Q2, K], "pred_boxes", "aux_outputs"}        (training, Q2 > 0)}
+     "one2many": {"pred_logits": [B, Q2, K], "pred_boxes", "aux_outputs"}        (training, Q2 > 0),
+     "dn": {"pred_logits": [B, P, K], "pred_boxes", "aux_outputs", "groups", "group_size"}
+                                                               (training with targets, dn_queries > 0)}
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from torch import Tensor, nn
 
 from dfx.detection.backbone import Backbone, InputProjection
 from dfx.detection.deformable_attention import MultiScaleDeformableAttention
+from dfx.detection.denoising import denoising_attention_mask, noised_queries
 from dfx.detection.position import box_position_encoding, pixel_position_encoding
 from dfx.detection.transformer import Decoder, Encoder, inverse_sigmoid
 
@@ -66,6 +72,11 @@ class DetectorConfig:
     one2many_queries: int = 0
     hybrid_attention: str = "grouped"  # or "masked": one attention over both groups with a block mask
     proposal_size: float = 0.05  # two-stage proposal side on the finest level (doubles per level)
+    # DINO (dfx.detection.denoising): contrastive denoising queries in training; dn_queries 0: off
+    dn_queries: int = 0  # budget: groups = dn_queries // (2 · most objects of an image), at least 1
+    label_noise: float = 0.5  # a denoising query's label is flipped with probability label_noise / 2
+    box_noise: float = 1.0  # box corner jitter, in half widths/heights (negatives: 1x-2x that)
+    position_temperature: float = 10000.0  # sine encoding of pixel positions (DINO: 20)
 
     def validate(self) -> None:
         """Raise ValueError naming the field for inconsistent settings."""
@@ -88,6 +99,19 @@ class DetectorConfig:
             raise ValueError(f"hybrid_attention must be 'grouped' or 'masked', got {self.hybrid_attention!r}")
         if self.encoder_layers < 1 or self.decoder_layers < 1:
             raise ValueError("encoder_layers and decoder_layers must be >= 1")
+        self._validate_denoising()
+
+    def _validate_denoising(self) -> None:
+        if self.dn_queries < 0:
+            raise ValueError(f"dn_queries must be >= 0 (0 turns denoising off), got {self.dn_queries}")
+        if not 0 <= self.label_noise <= 1:
+            raise ValueError(f"label_noise must be in [0, 1], got {self.label_noise}")
+        if self.box_noise < 0:
+            raise ValueError(f"box_noise must be >= 0, got {self.box_noise}")
+        if self.position_temperature <= 0:
+            raise ValueError(f"position_temperature must be > 0, got {self.position_temperature}")
+        if self.dn_queries and not self.two_stage:
+            raise ValueError("dn_queries: denoising queries are boxes, like two-stage queries: set two_stage: true")
 
 
 class MLP(nn.Module):
@@ -161,6 +185,8 @@ class DeformableDETR(nn.Module):
         else:
             self.query_embed = nn.Embedding(total, 2 * c)  # positional and content halves
             self.reference_points = nn.Linear(c, 2)
+        if config.dn_queries:
+            self.dn_label_embed = nn.Embedding(config.num_classes, c)  # content of the denoising queries
         self._init_transformer()
         if not config.two_stage:
             # boxes predicted around a point reference start at w = h ~ 0.12 (two-stage ones start
@@ -195,7 +221,8 @@ class DeformableDETR(nn.Module):
         for level, (feature, mask) in enumerate(zip(maps, masks)):
             shapes.append(tuple(feature.shape[-2:]))
             tokens.append(feature.flatten(2).transpose(1, 2))
-            pos = pixel_position_encoding(mask, self.config.dim // 2).to(feature.dtype)
+            pos = pixel_position_encoding(mask, self.config.dim // 2,
+                                          self.config.position_temperature).to(feature.dtype)
             positions.append(pos.flatten(2).transpose(1, 2) + self.level_embed[level])
             flat_masks.append(mask.flatten(1))
             valid = ~mask
@@ -252,13 +279,30 @@ class DeformableDETR(nn.Module):
         scores = enc_logits[..., 0] if self.config.two_stage_scoring == "agnostic" else enc_logits.max(-1).values
         top = scores.topk(num_queries, dim=1).indices
         reference = torch.gather(enc_boxes, 1, top[..., None].expand(-1, -1, 4)).detach().sigmoid()
-        pos = self.pos_trans_norm(self.pos_trans(box_position_encoding(reference, c // 2)))
+        pos = self._box_position(reference)
         query_pos, content = pos.split(c, -1)
         if self.config.mixed_query_selection:
             content = self.content_queries(torch.arange(num_queries, device=memory.device))[None].expand(batch, -1, -1)
         return content, query_pos, reference
 
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
+    def _box_position(self, reference: Tensor) -> Tensor:
+        """Boxes [B, Q, 4] in [0, 1] -> their projected sine encoding [B, Q, C or 2C]."""
+        return self.pos_trans_norm(self.pos_trans(box_position_encoding(reference, self.config.dim // 2)))
+
+    def _add_denoising(self, targets, content: Tensor, query_pos: Tensor, reference: Tensor):
+        """DINO: noised targets as queries placed before the matching ones -> (DenoisingQueries or None
+        when the batch has no object, content, query_pos, reference)."""
+        dn = noised_queries(targets, self.config.dn_queries, self.config.num_classes, self.config.label_noise,
+                            self.config.box_noise)
+        if dn is None:  # no object in the batch; touch the embedding so DDP sees every parameter used
+            return None, content + 0.0 * self.dn_label_embed.weight[0, 0], query_pos, reference
+        dn_content = self.dn_label_embed(dn.labels) * dn.present[..., None]  # padding slots: zero content
+        dn_pos = self._box_position(dn.boxes)[..., : self.config.dim]
+        return (dn, torch.cat((dn_content, content), 1), torch.cat((dn_pos, query_pos), 1),
+                torch.cat((dn.boxes.to(reference.dtype), reference), 1))
+
+    def forward(self, images: Tensor, mask: Tensor | None = None, targets: list[dict] | None = None) -> dict:
+        """``targets`` (per image {"labels", "boxes" cxcywh}) feed the denoising queries in training."""
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
         maps, masks = self.input_proj(*self.backbone(images, mask))
@@ -270,10 +314,21 @@ class DeformableDETR(nn.Module):
         out: dict = {}
         content, query_pos, reference = self._queries(memory, flat_mask, shapes, one2one + one2many, out)
         groups = [one2one, one2many] if one2many else [one2one]
+        dn, attn_mask = None, None
+        if self.training and self.config.dn_queries and targets is not None:
+            dn, content, query_pos, reference = self._add_denoising(targets, content, query_pos, reference)
+        if dn is not None:
+            attn_mask = denoising_attention_mask(dn.groups, dn.group_size, groups, images.device)
+            groups = [dn.size, *groups]
         states, boxes = self.decoder(content, query_pos, reference, memory, spatial_shapes, valid_ratios, flat_mask,
-                                     self._box_delta, groups, masked=self.config.hybrid_attention == "masked")
+                                     self._box_delta, groups, masked=self.config.hybrid_attention == "masked",
+                                     attn_mask=attn_mask)
         layers = [{"pred_logits": self._class_logits(i, s), "pred_boxes": b}
                   for i, (s, b) in enumerate(zip(states, boxes))]
+        if dn is not None:
+            denoised = [{k: v[:, : dn.size] for k, v in layer.items()} for layer in layers]
+            out["dn"] = {**denoised[-1], "aux_outputs": denoised[:-1], "groups": dn.groups, "group_size": dn.group_size}
+            layers = [{k: v[:, dn.size :] for k, v in layer.items()} for layer in layers]
         one2one_layers = [{k: v[:, :one2one] for k, v in layer.items()} for layer in layers]
         out.update(one2one_layers[-1])
         out["aux_outputs"] = one2one_layers[:-1]

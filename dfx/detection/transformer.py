@@ -124,13 +124,17 @@ class Decoder(nn.Module):
         self.look_forward_twice = look_forward_twice and box_refine
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference: Tensor, memory: Tensor, spatial_shapes: Tensor,
-                valid_ratios: Tensor, memory_mask: Tensor, box_head, groups: list[int], masked: bool = False):
+                valid_ratios: Tensor, memory_mask: Tensor, box_head, groups: list[int], masked: bool = False,
+                attn_mask: Tensor | None = None):
         """reference [B, Q, 2|4] in [0, 1]; box_head(layer, states) -> box deltas [B, Q, 4].
+        attn_mask [Q, Q] (True: may not attend) replaces the group mask, e.g. DINO's denoising mask.
 
         Returns per layer: states [B, Q, C] and boxes [B, Q, 4] (cxcywh in [0, 1]).
         """
         states, boxes = [], []
         mask = group_attention_mask(groups, tgt.device) if masked and len(groups) > 1 else None  # once, all layers
+        if attn_mask is not None:
+            mask = attn_mask
         sampling_ref, prediction_ref = reference, reference
         for index, layer in enumerate(self.layers):
             # a point reference becomes a box after the first refinement

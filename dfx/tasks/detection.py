@@ -263,7 +263,7 @@ class Task:
         if self._criterion is None:
             self._criterion = self.criterion()
         images, masks, targets = batch
-        return self._criterion(model(images, masks), targets)
+        return self._criterion(model(images, masks, targets), targets)  # targets: DINO's denoising queries
 
     def evaluator(self) -> "Evaluator":
         dataset = self.dataset("val")
