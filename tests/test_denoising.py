@@ -182,7 +182,7 @@ def _decoder_states(model, x, dn, dn_content):
     from dfx.detection.denoising import denoising_attention_mask as mask_of
 
     mask = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool)
-    maps, masks = model.input_proj(model.backbone(x, mask))
+    maps, masks = model.input_proj(*model.backbone(x, mask))
     src, pos, flat_mask, spatial_shapes, shapes, ratios = model._flatten(maps, masks)
     memory = model.encoder(src, pos, spatial_shapes, shapes, ratios, flat_mask)
     content, query_pos, reference = model._queries(memory, flat_mask, shapes, 5, {})
@@ -285,14 +285,15 @@ def test_dino_recipes_hold_dinos_settings():
     m = dino.model
     assert (m.one2one_queries, m.one2many_queries, m.dn_queries, m.label_noise, m.box_noise) == (900, 0, 100, 0.5, 1.0)
     assert m.position_temperature == 20 and m.two_stage and m.box_refine and m.mixed_query_selection
-    assert m.look_forward_twice and (m.ffn_dim, m.dropout) == (2048, 0.0)
+    assert m.look_forward_twice and (m.ffn_dim, m.dropout) == (2048, 0.0) and m.two_stage_scoring == "class_aware"
     assert (dino.loss.class_weight, dino.loss.bbox_weight, dino.loss.giou_weight) == (1.0, 5.0, 2.0)
     assert (dino.loss.cost_class, dino.loss.cost_bbox, dino.loss.cost_giou) == (2.0, 5.0, 2.0)
     assert (dino.train.lr, dino.train.backbone_lr, dino.train.epochs, dino.train.milestones) == (1e-4, 1e-5, 12, [11])
     shapes = load_recipe(RECIPES / "dino-shapes.yaml")
     baseline = load_recipe(RECIPES / "deformable-detr-shapes.yaml")
     assert shapes.data.root == "shapes-det" and shapes.model.dn_queries == 100 and shapes.loss.class_weight == 1.0
-    dino_only = {"dn_queries", "label_noise", "box_noise", "position_temperature"}
+    assert shapes.model.two_stage_scoring == "class_aware" and baseline.model.two_stage_scoring == "agnostic"
+    dino_only = {"dn_queries", "label_noise", "box_noise", "position_temperature", "two_stage_scoring"}
     # the shapes recipe is the shapes baseline plus DINO's switches: same size, data and schedule
     assert {k: v for k, v in vars(shapes.model).items() if k not in dino_only} == \
         {k: v for k, v in vars(baseline.model).items() if k not in dino_only}
