@@ -63,6 +63,8 @@ class ModelConfig(DetectorConfig, WeightsConfig):
                              "data; leave it 0 (the data decides) or set data.category_ids")
         names = {f.name for f in fields(DetectorConfig)}
         values = {k: v for k, v in vars(self).items() if k in names}
+        if self.weights:  # whole-model weights replace the backbone's starting weights: fetch nothing
+            values["pretrained"] = None
         return DetectorConfig(**{**values, "num_classes": num_classes})
 
 
