@@ -22,9 +22,10 @@ from dfx.errors import ERROR_DIR, UsageError, first_failure
 
 @dataclass
 class Context:
+    """This process's place in the run: its rank, the number of processes and its device."""
+
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -75,7 +76,7 @@ def setup(device: str = "auto") -> Context:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return Context(rank, world_size, local_rank, dev)
+    return Context(rank, world_size, dev)
 
 
 def teardown() -> None:

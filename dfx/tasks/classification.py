@@ -97,8 +97,6 @@ def transforms(data: DataConfig, training: bool):
 class Task:
     """Builders and per-batch logic for classification; the engine owns the loop."""
 
-    best_metric = "top1"
-
     def __init__(self, recipe):
         self.recipe = recipe
         self.classes: list[str] | None = None

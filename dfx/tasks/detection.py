@@ -169,7 +169,6 @@ def validate_recipe(recipe) -> None:
 class Task:
     """Builders and per-batch logic for detection; the engine owns the loop."""
 
-    best_metric = "AP"
     collate_fn = staticmethod(collate_detection)
 
     def __init__(self, recipe):

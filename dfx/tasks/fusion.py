@@ -168,7 +168,6 @@ def stream_names(modalities: list[str], fusion: str) -> list[str]:
 class Task:
     """Builders and per-batch logic for multi-modal segmentation; the engine owns the loop."""
 
-    best_metric = "mIoU"
     collate_fn = None
 
     def __init__(self, recipe):

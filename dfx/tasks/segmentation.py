@@ -82,7 +82,6 @@ def build_segmenter(model: ModelConfig, num_classes: int) -> Segmenter:
 class Task:
     """Builders and per-batch logic for segmentation; the engine owns the loop."""
 
-    best_metric = "mIoU"
     collate_fn = None
 
     def __init__(self, recipe):
