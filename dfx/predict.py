@@ -302,7 +302,7 @@ def predict(weights: str | os.PathLike, sources: list[str], *, modalities: dict[
             overrides: Iterable[str] = (), device: str = "auto", quiet: bool = False) -> dict:
     """Run the model of ``weights`` on ``sources``; returns a summary (output folder, counts, files)."""
     from dfx.engine import distributed as D
-    from dfx.engine.progress import ItemProgress
+    from dfx.engine.progress import track
     from dfx.engine.rundir import new_run_dir
     from dfx.models import build
 
@@ -327,23 +327,19 @@ def predict(weights: str | os.PathLike, sources: list[str], *, modalities: dict[
     predictor = PREDICTORS[recipe.task](recipe, task.classes, conf, folder)
     skipped: list[dict] = []
     done, t0 = 0, time.perf_counter()
-    progress = ItemProgress(len(samples), "predict", enabled=not quiet)
     lines = folder / "predictions.jsonl"
-    try:
-        with lines.open("w") as stream, torch.inference_mode():
-            for start in range(0, len(samples), batch):
-                chunk, pictures, inputs = _read_batch(predictor, samples[start:start + batch], skipped)
-                if chunk:
-                    outputs = predictor.run(model, inputs, pictures, device)
-                    for paths, picture, output in zip(chunk, pictures, outputs):
-                        line = {"file": str(paths[0]), "width": picture.shape[1], "height": picture.shape[0],
-                                **predictor.write(paths, picture, output)}
-                        stream.write(json.dumps(line) + "\n")
-                    stream.flush()
-                    done += len(chunk)
-                progress.advance(len(samples[start:start + batch]))
-    finally:
-        progress.close()
+    with lines.open("w") as stream, torch.inference_mode():
+        for start in track(range(0, len(samples), batch), description=f"predict (batches of {batch})",
+                           enabled=not quiet):
+            chunk, pictures, inputs = _read_batch(predictor, samples[start:start + batch], skipped)
+            if chunk:
+                outputs = predictor.run(model, inputs, pictures, device)
+                for paths, picture, output in zip(chunk, pictures, outputs):
+                    line = {"file": str(paths[0]), "width": picture.shape[1], "height": picture.shape[0],
+                            **predictor.write(paths, picture, output)}
+                    stream.write(json.dumps(line) + "\n")
+                stream.flush()
+                done += len(chunk)
     files = {"results": str(lines), "pictures": str(folder / "images"), **predictor.finish()}
     if recipe.task in ("segmentation", "fusion"):
         files["labels"] = str(folder / "labels")

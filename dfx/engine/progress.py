@@ -93,36 +93,3 @@ def track(items, total: int | None = None, description: str = "", enabled: bool 
                           soft_wrap=True)
     console.print(f"{description}: {done} done in {time.perf_counter() - t0:.1f}s", markup=False, highlight=False,
                   soft_wrap=True)
-
-
-class ItemProgress:
-    """A bar over ``total`` items (images, batches) for loops outside training; plain lines
-    (about every tenth of the way) when stderr is not a terminal. ``enabled=False`` shows nothing."""
-
-    def __init__(self, total: int, description: str, enabled: bool = True, console: Console | None = None):
-        self.total, self.description, self.enabled = total, description, enabled and total > 0
-        self.console = console or Console(stderr=True)
-        self.done, self.t0, self._next_line = 0, time.perf_counter(), 0
-        self._bar = None
-        if self.enabled and self.console.is_terminal and sys.stderr.isatty():
-            self._bar = Progress(TextColumn(f"[bold]{escape(description)}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), console=self.console, transient=False)
-            self._bar.start()
-            self._task = self._bar.add_task(description, total=total)
-
-    def advance(self, count: int = 1) -> None:
-        self.done += count
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(self._task, completed=self.done)
-        elif self.done >= self._next_line or self.done == self.total:
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            self.console.print(f"{self.description} {self.done}/{self.total} {rate:.2f}/s", markup=False,
-                               highlight=False)
-            self._next_line = self.done + max(1, self.total // 10)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
