@@ -103,16 +103,24 @@ def _check_hub_spec(spec: str, ref: HubFile) -> None:
         raise UsageError(f"weights {spec!r}: empty revision or file name; expected hf://org/repo[@revision][/file]")
 
 
+def refused_global(error: BaseException) -> str | None:
+    """The Python object a ``weights_only`` load refused to rebuild (``""`` when torch names none);
+    None when ``error`` is no such refusal."""
+    text = str(error)
+    if "Weights only load failed" not in text and "Unsupported global" not in text:
+        return None
+    return next((line.split("GLOBAL", 1)[1].split()[0] for line in text.splitlines() if "GLOBAL" in line), "")
+
+
 def refusal_reason(error: BaseException) -> str | None:
     """Why a ``weights_only`` load refused a file, in dfx's words (None: not a refusal).
 
     torch's own text suggests ``weights_only=False``, which dfx never uses: a file that needs
     full pickle can run arbitrary code when loaded.
     """
-    text = str(error)
-    if "Weights only load failed" not in text and "Unsupported global" not in text:
+    name = refused_global(error)
+    if name is None:
         return None
-    name = next((line.split("GLOBAL", 1)[1].split()[0] for line in text.splitlines() if "GLOBAL" in line), None)
     what = f" ({name})" if name else ""
     return (f"it holds Python objects{what} that dfx refuses to unpickle (only tensors and plain values are "
             "loaded); save the weights as safetensors or a plain state dict")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,15 +95,12 @@ def read_torch_file(file: Path) -> object:
     try:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(str(file), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        if "Unsupported global" in text or "not an allowed global" in text.lower():
-            name = text.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in text else "a Python object"
-            raise UsageError(f"{file}: refused to unpickle {name}; dfx reads weights with "
+    except Exception as e:
+        name = hub.refused_global(e)
+        if name is not None:
+            raise UsageError(f"{file}: refused to unpickle {name or 'a Python object'}; dfx reads weights with "
                              "torch.load(weights_only=True) and allows only tensors, containers, "
                              "argparse.Namespace and numpy scalars") from None
-        raise RunError(f"cannot read weights {file}: {_first_line(e)} (corrupt or truncated file)") from None
-    except Exception as e:
         raise RunError(f"cannot read weights {file}: {_first_line(e)} (corrupt, truncated, or not a weights file)") from None
 
 
