@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 import dfx
-from dfx.errors import DfxError, UsageError, rank_label, record_failure
+from dfx.errors import DfxError, UsageError, rank_label
 
 try:  # Typer's command-line parse errors (it ships its own copy of click)
     from typer._click.exceptions import NoArgsIsHelpError
@@ -154,8 +154,10 @@ def run(work: Callable[[], dict], *, json_out: bool, debug: bool, show: Callable
                 show(result)
         return
     message = rank_label() + message
-    if record_failure(message, code):  # launched by `--nproc-per-node`: the launcher reports the first failure
-        pass
+    if os.environ.get("DFX_ERROR_DIR"):  # a rank of `--nproc-per-node`: the launcher reports the first failure
+        from dfx.engine.distributed import record_failure
+
+        record_failure(message, code)
     elif _is_main_process():
         report(message, code, json_out)
     else:  # torchrun started by hand: every failing rank says why on stderr

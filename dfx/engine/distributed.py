@@ -7,17 +7,47 @@ on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from dfx.errors import ERROR_DIR, UsageError, first_failure
+from dfx.errors import UsageError
+from dfx.files import write_text_atomic
+
+
+# Set by `launch` for its ranks: the folder where a failing rank leaves its error for the launcher.
+ERROR_DIR = "DFX_ERROR_DIR"
+
+
+def record_failure(message: str, exit_code: int) -> bool:
+    """Under ``dfx train --nproc-per-node``, leave this rank's error for the launcher (True); else False."""
+    folder = os.environ.get(ERROR_DIR)
+    if not folder:
+        return False
+    rank = int(os.environ.get("RANK", "0"))
+    record = {"rank": rank, "error": message, "exit_code": exit_code, "time": time.time()}
+    write_text_atomic(Path(folder) / f"rank-{rank}.json", json.dumps(record))
+    return True
+
+
+def first_failure(folder: str | Path) -> dict | None:
+    """The earliest error any rank recorded: the cause (later ones are other ranks losing it)."""
+    records = []
+    for path in Path(folder).glob("rank-*.json"):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return min(records, key=lambda r: r["time"]) if records else None
 
 
 @dataclass
