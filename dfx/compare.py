@@ -252,7 +252,7 @@ def compare(specs: Iterable[str], overrides: Iterable[str] = (), *, seeds: Itera
     folder = _comparison_dir(name, variants, out)
     _check_plan(folder, {"variants": [asdict(v) for v in variants], "overrides": overrides, "seeds": seeds})
     threads = _threads_per_job(jobs)
-    todo = [(v, s) for v in variants for s in seeds]
+    todo = [(v, s) for s in seeds for v in variants]  # seed by seed: a comparison cut short stays paired
     log(f"dfx compare: {len(variants)} variants × {len(seeds)} seeds = {len(todo)} runs, {jobs} at a time "
         f"({threads} thread{'s' if threads > 1 else ''} each) in {folder}")
     results: list[dict] = []
