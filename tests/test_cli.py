@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_dfx as dfx  # in-process, through the real entry point
 
 
-def dfx(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def dfx_process(*args: str) -> subprocess.CompletedProcess:
+    """A real ``python -m dfx`` process: what shell scripts see."""
     return subprocess.run([sys.executable, "-m", "dfx", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+                          env=dict(os.environ), timeout=600)
 
 
 def test_version_and_help_list_the_commands():
@@ -26,7 +28,8 @@ def test_version_and_help_list_the_commands():
 
 
 def test_train_json_then_eval_json(tiny_recipe):
-    result = dfx("train", tiny_recipe, "train.epochs=1", "--json")
+    """The --json / exit-code contract as a shell script sees it: real processes."""
+    result = dfx_process("train", tiny_recipe, "train.epochs=1", "--json")
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)  # exactly one JSON object on stdout
     assert result.stdout.strip().count("\n") == 0
@@ -34,7 +37,7 @@ def test_train_json_then_eval_json(tiny_recipe):
     assert set(payload["metrics"]) == {"top1", "top5", "loss"} and payload["epochs"] == 1
     assert "epoch 1/1" in result.stderr  # progress went to stderr (plain lines: not a TTY)
 
-    evaluated = dfx("eval", payload["run_dir"], "--json")
+    evaluated = dfx_process("eval", payload["run_dir"], "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads(evaluated.stdout)["metrics"]
     assert metrics["top1"] == pytest.approx(payload["best"]["top1"])
