@@ -115,6 +115,10 @@ def test_the_public_matcher_still_checks_what_it_is_given():
     nan_box = [TARGETS[0], {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, float("nan"), 0.5, 0.5]])}]
     with pytest.raises(ValueError, match=r"targets\[1\]\['boxes'\] contains NaN"):
         matcher(outputs, nan_box)
+    with pytest.raises(ValueError, match=r"^class_weight must be >= 0, got -1"):
+        SetCriterion(3, class_weight=-1.0)
+    with pytest.raises(ValueError, match=r"^one2many_k must be an integer >= 1, got 0"):
+        SetCriterion(3, one2many_k=0)
     # the criterion checks once, before any matching
     with pytest.raises(ValueError, match=r"targets\[1\]\['labels'\] must lie in \[0, 2\]"):
         SetCriterion(3)(outputs, bad_label)

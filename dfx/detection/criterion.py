@@ -59,14 +59,18 @@ class SetCriterion(nn.Module):
                    loss.focal_gamma, hybrid.one2many_k, hybrid.one2many_weight)
 
     def terms(self, outputs: dict, targets: list[dict], num_boxes: float, indices=None) -> dict:
-        """Unweighted L_class, L_l1, L_giou of one set of predictions (matched here unless given)."""
+        """Unweighted L_class, L_l1, L_giou of one set of predictions (matched here unless given;
+        ``targets`` as :func:`~dfx.detection.matcher.check_targets` accepts them, which forward() checks)."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        if indices is None:  # the targets were checked once in forward()
+        if indices is None:
             indices = self.matcher(outputs, targets, validate=False)
-        batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(logits.device)
-        query_idx = torch.cat([q for q, _ in indices]).to(logits.device)
-        labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
-        matched_targets = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)])
+        # the indices live on the host; a blocking copy to the GPU would wait for its queue to drain
+        device = logits.device
+        batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device, non_blocking=True)
+        query_idx = torch.cat([q for q, _ in indices]).to(device, non_blocking=True)
+        target_idx = [j.to(t["labels"].device, non_blocking=True) for t, (_, j) in zip(targets, indices)]
+        labels = torch.cat([t["labels"][j] for t, j in zip(targets, target_idx)])
+        matched_targets = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, j in zip(targets, target_idx)])
 
         onehot = torch.zeros_like(logits)
         onehot[batch_idx, query_idx, labels.to(logits.device)] = 1.0
