@@ -37,7 +37,7 @@ from dfx.tasks.classification import agreed_classes, data_root
 
 
 @dataclass
-class ModelConfig(DetectorConfig, HybridLossConfig, WeightsConfig):
+class ModelConfig(HybridLossConfig, DetectorConfig, WeightsConfig):
     """The detector (every :class:`DetectorConfig` field; ``one2many_queries: 0`` is Deformable-DETR),
     the hybrid branch's loss settings (:class:`HybridLossConfig`) and post-processing. ``num_classes``
     0: from the data."""
