@@ -183,12 +183,12 @@ def _decoder_states(model, x, dn, dn_content):
 
     mask = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool)
     maps, masks = model.input_proj(*model.backbone(x, mask))
-    src, pos, flat_mask, spatial_shapes, shapes, ratios = model._flatten(maps, masks)
-    memory = model.encoder(src, pos, spatial_shapes, shapes, ratios, flat_mask)
+    src, pos, flat_mask, shapes, ratios = model._flatten(maps, masks)
+    memory = model.encoder(src, pos, shapes, ratios, flat_mask)
     content, query_pos, reference = model._queries(memory, flat_mask, shapes, 5, {})
     dn_pos = model._box_position(dn.boxes)[..., : model.config.dim]
     states, _ = model.decoder(torch.cat((dn_content, content), 1), torch.cat((dn_pos, query_pos), 1),
-                              torch.cat((dn.boxes, reference), 1), memory, spatial_shapes, ratios, flat_mask,
+                              torch.cat((dn.boxes, reference), 1), memory, shapes, ratios, flat_mask,
                               model._box_delta, [dn.size, 5], attn_mask=mask_of(dn.groups, dn.group_size, [5]))
     return states[-1]
 

@@ -114,6 +114,41 @@ def test_bad_model_switches_are_usage_errors(det_root):
         load_recipe(RECIPES / "hdetr-shapes.yaml", ["model.two_stage=false"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("loss.cost_class=-1", r"^loss\.cost_class must be >= 0, got -1\.0$"),
+    ("loss.focal_alpha=1.5", r"^loss\.focal_alpha must be in \[0, 1\], got 1\.5$"),
+    ("loss.giou_weight=-0.5", r"^loss\.giou_weight must be >= 0, got -0\.5$"),
+    ("model.one2many_k=0", r"^model\.one2many_k must be an integer >= 1, got 0$"),
+    ("model.one2many_weight=-1", r"^model\.one2many_weight must be >= 0, got -1\.0$"),
+    ("model.hybrid_attention=bogus", r"^model\.hybrid_attention: expected one of 'grouped', 'masked', got 'bogus'"),
+    ("model.two_stage_scoring=aware", r"^model\.two_stage_scoring: expected one of 'agnostic', 'class_aware'.*"
+                                      r"did you mean class_aware"),
+])
+def test_bad_loss_and_switch_values_name_their_recipe_key(override, message):
+    with pytest.raises(UsageError, match=message):
+        load_recipe(RECIPES / "hdetr-shapes.yaml", [override])
+
+
+def test_the_loss_section_and_the_criterion_share_their_defaults():
+    from dfx.detection import HungarianMatcher, SetCriterion
+    from dfx.tasks.detection import LossConfig, ModelConfig
+
+    loss, model = LossConfig(), ModelConfig()
+    criterion, matcher = SetCriterion(3), HungarianMatcher()
+    assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (loss.cost_class, loss.cost_bbox,
+                                                                          loss.cost_giou) == (2.0, 5.0, 2.0)
+    assert criterion.weights == {"class": loss.class_weight, "l1": loss.bbox_weight, "giou": loss.giou_weight}
+    assert (criterion.focal_alpha, criterion.focal_gamma) == (loss.focal_alpha, loss.focal_gamma) == (0.25, 2.0)
+    assert (criterion.one2many_k, criterion.one2many_weight) == (model.one2many_k, model.one2many_weight) == (6, 1.0)
+    built = SetCriterion.from_config(3, LossConfig(cost_bbox=1.0, class_weight=3.0), ModelConfig(one2many_k=2))
+    assert (built.matcher.cost_bbox, built.weights["class"], built.one2many_k) == (1.0, 3.0, 2)
+
+
+def test_bad_loss_value_exits_2_on_the_command_line():
+    result = CliRunner().invoke(app, ["train", str(RECIPES / "hdetr-shapes.yaml"), "loss.cost_class=-1", "--dry-run"])
+    assert result.exit_code == 2 and "loss.cost_class must be >= 0" in result.output
+
+
 def test_invalid_boxes_fail_early_or_are_skipped_and_counted(det_root, tmp_path):
     import shutil
 

@@ -120,6 +120,20 @@ def test_matches_explicit_loop_on_small_multi_level_case():
     torch.testing.assert_close(ms_deform_attn(*inputs), explicit_loop(*inputs), rtol=0, atol=1e-12)
 
 
+def test_python_level_shapes_equal_the_tensor_form_in_value_and_gradients():
+    value, shapes, locations, weights = random_inputs(batch=2, sizes=[(6, 9), (3, 5), (1, 3)], heads=2, head_dim=4,
+                                                      queries=5, points=3)
+    results = []
+    for spatial_shapes in (shapes, [(6, 9), (3, 5), (1, 3)], ((6, 9), (3, 5), (1, 3))):
+        inputs = [t.detach().clone().requires_grad_() for t in (value, locations, weights)]
+        out = ms_deform_attn(inputs[0], spatial_shapes, inputs[1], inputs[2])
+        out.pow(2).sum().backward()
+        results.append([out, *(t.grad for t in inputs)])
+    for other in results[1:]:
+        for expected, got in zip(results[0], other):
+            assert torch.equal(expected, got)  # the same computation, bit for bit
+
+
 @pytest.mark.parametrize(
     "sizes, heads, head_dim, points",
     [
@@ -229,7 +243,10 @@ def _valid():
         (lambda v, s, loc, w: (v[0], s, loc, w), r"value must be \[N, S, M, D\]"),
         (lambda v, s, loc, w: (v.long(), s, loc, w), "value must be a floating point tensor"),
         (lambda v, s, loc, w: (v, s.float(), loc, w), "spatial_shapes must be an integer tensor"),
-        (lambda v, s, loc, w: (v, s.tolist(), loc, w), "spatial_shapes must be an integer tensor"),
+        (lambda v, s, loc, w: (v, s.float().tolist(), loc, w), r"integer tensor \[L, 2\] or \(H, W\) int pairs"),
+        (lambda v, s, loc, w: (v, [(2, 3, 1)], loc, w), r"\(H, W\) int pairs \(L >= 1\), got \[\(2, 3, 1\)\]"),
+        (lambda v, s, loc, w: (v, [], loc, w), r"\(H, W\) int pairs \(L >= 1\), got \[\]"),
+        (lambda v, s, loc, w: (v, [(2, 3), (1, 0)], loc, w), r"\(H, W\) >= 1"),
         (lambda v, s, loc, w: (v, s[:, :1], loc, w), r"spatial_shapes must be \[L, 2\]"),
         (lambda v, s, loc, w: (v, s * torch.tensor([1, 0]), loc, w), r"\(H, W\) >= 1"),
         (lambda v, s, loc, w: (v, s, loc[..., :1], w), r"sampling_locations must be \[N, Lq, M, L, P, 2\]"),

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from dfx.detection.denoising import denoising_loss
-from dfx.detection.matcher import HungarianMatcher, repeat_targets
+from dfx.detection.loss_config import HybridLossConfig, SetLossConfig
+from dfx.detection.matcher import HungarianMatcher, check_targets, repeat_targets
 
 
 class SetCriterion(nn.Module):
@@ -34,25 +35,42 @@ class SetCriterion(nn.Module):
     logs: the weighted one-to-one terms of the last layer, ``one2one``/``one2many``/``enc`` totals.
     """
 
-    def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None, class_weight: float = 2.0,
-                 bbox_weight: float = 5.0, giou_weight: float = 2.0, focal_alpha: float = 0.25,
-                 focal_gamma: float = 2.0, one2many_k: int = 6, one2many_weight: float = 1.0):
+    def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None,
+                 class_weight: float = SetLossConfig.class_weight, bbox_weight: float = SetLossConfig.bbox_weight,
+                 giou_weight: float = SetLossConfig.giou_weight, focal_alpha: float = SetLossConfig.focal_alpha,
+                 focal_gamma: float = SetLossConfig.focal_gamma, one2many_k: int = HybridLossConfig.one2many_k,
+                 one2many_weight: float = HybridLossConfig.one2many_weight):
         super().__init__()
+        SetLossConfig(class_weight=class_weight, bbox_weight=bbox_weight, giou_weight=giou_weight,
+                      focal_alpha=focal_alpha, focal_gamma=focal_gamma).validate()
+        HybridLossConfig(one2many_k, one2many_weight).validate()
         self.num_classes = num_classes
         self.matcher = matcher or HungarianMatcher()
         self.weights = {"class": class_weight, "l1": bbox_weight, "giou": giou_weight}
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.one2many_k, self.one2many_weight = one2many_k, one2many_weight
 
+    @classmethod
+    def from_config(cls, num_classes: int, loss: SetLossConfig, hybrid: HybridLossConfig | None = None):
+        """The criterion (and its matcher) of a :class:`SetLossConfig` and :class:`HybridLossConfig`."""
+        hybrid = hybrid or HybridLossConfig()
+        matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.focal_alpha, loss.focal_gamma)
+        return cls(num_classes, matcher, loss.class_weight, loss.bbox_weight, loss.giou_weight, loss.focal_alpha,
+                   loss.focal_gamma, hybrid.one2many_k, hybrid.one2many_weight)
+
     def terms(self, outputs: dict, targets: list[dict], num_boxes: float, indices=None) -> dict:
-        """Unweighted L_class, L_l1, L_giou of one set of predictions (matched here unless given)."""
+        """Unweighted L_class, L_l1, L_giou of one set of predictions (matched here unless given;
+        ``targets`` as :func:`~dfx.detection.matcher.check_targets` accepts them, which forward() checks)."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if indices is None:
-            indices = self.matcher(outputs, targets)
-        batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(logits.device)
-        query_idx = torch.cat([q for q, _ in indices]).to(logits.device)
-        labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
-        matched_targets = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)])
+            indices = self.matcher(outputs, targets, validate=False)
+        # the indices live on the host; a blocking copy to the GPU would wait for its queue to drain
+        device = logits.device
+        batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device, non_blocking=True)
+        query_idx = torch.cat([q for q, _ in indices]).to(device, non_blocking=True)
+        target_idx = [j.to(t["labels"].device, non_blocking=True) for t, (_, j) in zip(targets, indices)]
+        labels = torch.cat([t["labels"][j] for t, j in zip(targets, target_idx)])
+        matched_targets = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, j in zip(targets, target_idx)])
 
         onehot = torch.zeros_like(logits)
         onehot[batch_idx, query_idx, labels.to(logits.device)] = 1.0
@@ -73,38 +91,46 @@ class SetCriterion(nn.Module):
         repeated = repeat_targets(targets, repeat) if repeat > 1 else targets
         total, last = 0.0, None
         for layer in [outputs, *outputs.get("aux_outputs", [])]:
-            terms = self.terms(layer, repeated, num_boxes, self.matcher(layer, targets, repeat=repeat))
+            terms = self.terms(layer, repeated, num_boxes, self.matcher(layer, targets, repeat, validate=False))
             total = total + self.weighted(terms)
             last = last or terms
         return total, last
 
     def forward(self, outputs: dict, targets: list[dict]) -> tuple[Tensor, dict]:
+        # Checked once here rather than in each of the (layers x groups) matchings: every check
+        # of device tensors stalls the host until the GPU catches up.
+        check_targets(targets, outputs["pred_logits"].shape[0], self.num_classes)
         num_boxes = _global_box_count(targets, outputs["pred_logits"].device)
         total, last = self.group_loss(outputs, targets, num_boxes)
-        logs = {f"loss_{name}": float(self.weights[name] * value.detach()) for name, value in last.items()}
-        logs["one2one"] = float(total.detach())
+        logged = {f"loss_{name}": self.weights[name] * value for name, value in last.items()}
+        logged["one2one"] = total
         if "enc_outputs" in outputs:
             enc_targets = targets
             if outputs["enc_outputs"]["pred_logits"].shape[-1] == 1:
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             enc = self.weighted(self.terms(outputs["enc_outputs"], enc_targets, num_boxes))
-            logs["enc"] = float(enc.detach())
+            logged["enc"] = enc
             total = total + enc
         if "one2many" in outputs and self.one2many_weight > 0:
             many, _ = self.group_loss(outputs["one2many"], targets, num_boxes * self.one2many_k, self.one2many_k)
-            logs["one2many"] = float(many.detach())
+            logged["one2many"] = many
             total = total + self.one2many_weight * many
         if "dn" in outputs:  # DINO's denoising part: every decoder layer, fixed matching
             dn = denoising_loss(self, outputs["dn"], targets, num_boxes)
-            logs["dn"], logs["dn_groups"] = float(dn.detach()), outputs["dn"]["groups"]
+            logged["dn"] = dn
             total = total + dn
+        # one host read for every logged number
+        logs = dict(zip(logged, torch.stack([value.detach().float() for value in logged.values()]).tolist()))
+        if "dn" in outputs:
+            logs["dn_groups"] = outputs["dn"]["groups"]
         return total, logs
 
 
 def _global_box_count(targets: list[dict], device) -> float:
     """Target boxes in the whole batch (summed over processes), at least 1."""
-    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count)
-        count = count / dist.get_world_size()
-    return max(float(count), 1.0)
+    count = float(sum(len(t["labels"]) for t in targets))
+    if dist.is_available() and dist.is_initialized():  # the one host read a multi-process step needs here
+        summed = torch.tensor(count, device=device)
+        dist.all_reduce(summed)
+        count = float(summed / dist.get_world_size())
+    return max(count, 1.0)

@@ -10,11 +10,12 @@ Each query predicts, per head, level and point, a sampling offset and an attenti
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from dfx.ops import ms_deform_attn
+from dfx.ops import host_tensor, ms_deform_attn
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -48,9 +49,10 @@ class MultiScaleDeformableAttention(nn.Module):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, query: Tensor, reference: Tensor, value: Tensor, spatial_shapes: Tensor,
-                padding_mask: Tensor | None = None) -> Tensor:
-        """spatial_shapes [L, 2] long (H, W); padding_mask [B, S] True at padded positions."""
+    def forward(self, query: Tensor, reference: Tensor, value: Tensor,
+                spatial_shapes: Tensor | Sequence[tuple[int, int]], padding_mask: Tensor | None = None) -> Tensor:
+        """spatial_shapes: (H, W) per level, as Python int pairs (what the detector passes: nothing
+        to read back from the device) or a [L, 2] long tensor; padding_mask [B, S] True at padding."""
         batch, num_queries, _ = query.shape
         value = self.value_proj(value)
         if padding_mask is not None:
@@ -60,7 +62,10 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = self.attention_weights(query).view(batch, num_queries, self.heads, self.levels * self.points)
         weights = weights.softmax(-1).view(batch, num_queries, self.heads, self.levels, self.points)
         if reference.shape[-1] == 2:
-            normaliser = spatial_shapes.flip(-1).to(offsets.dtype)  # (W, H) per level
+            if isinstance(spatial_shapes, Tensor):
+                normaliser = spatial_shapes.flip(-1).to(offsets.dtype)  # (W, H) per level
+            else:
+                normaliser = host_tensor([(w, h) for h, w in spatial_shapes], offsets.dtype, offsets.device)
             locations = reference[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
         elif reference.shape[-1] == 4:
             centre, size = reference[:, :, None, :, None, :2], reference[:, :, None, :, None, 2:]

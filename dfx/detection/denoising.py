@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
+from dfx.detection.transformer import group_attention_mask
+
 
 @dataclass
 class DenoisingQueries:
@@ -112,9 +114,7 @@ def denoising_attention_mask(groups: int, group_size: int, matching: list[int], 
     group sees only itself.
     """
     size = groups * group_size
-    sizes = [group_size] * groups + list(matching)
-    group = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-    mask = group[:, None] != group[None, :]
+    mask = group_attention_mask([group_size] * groups + list(matching), device)
     one2one = slice(size, size + matching[0])
     mask[:size, one2one] = False
     return mask

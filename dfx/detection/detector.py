@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import copy
 import math
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +45,8 @@ from dfx.detection.deformable_attention import MultiScaleDeformableAttention
 from dfx.detection.denoising import denoising_attention_mask, noised_queries
 from dfx.detection.position import box_position_encoding, pixel_position_encoding
 from dfx.detection.transformer import Decoder, Encoder, inverse_sigmoid
+
+DETECTIONS = 100  # (query, class) pairs kept per image by postprocess, as in Deformable-DETR's evaluation
 
 
 @dataclass
@@ -64,13 +68,13 @@ class DetectorConfig:
     ffn_dim: int = 1024
     dropout: float = 0.1
     two_stage: bool = False
-    two_stage_scoring: str = "agnostic"  # or "class_aware": rank proposals by their best class (DINO)
+    two_stage_scoring: Literal["agnostic", "class_aware"] = "agnostic"  # class_aware: rank by the best class (DINO)
     box_refine: bool = False
     mixed_query_selection: bool = False
     look_forward_twice: bool = False
     one2one_queries: int = 300
     one2many_queries: int = 0
-    hybrid_attention: str = "grouped"  # or "masked": one attention over both groups with a block mask
+    hybrid_attention: Literal["grouped", "masked"] = "grouped"  # masked: one attention over both groups, block mask
     proposal_size: float = 0.05  # two-stage proposal side on the finest level (doubles per level)
     # DINO (dfx.detection.denoising): contrastive denoising queries in training; dn_queries 0: off
     dn_queries: int = 0  # budget: groups = dn_queries // (2 · most objects of an image), at least 1
@@ -91,12 +95,12 @@ class DetectorConfig:
             raise ValueError("mixed_query_selection selects queries from two-stage proposals: set two_stage: true")
         if self.look_forward_twice and not self.box_refine:
             raise ValueError("look_forward_twice builds on iterative box refinement: set box_refine: true")
-        if self.two_stage_scoring not in ("agnostic", "class_aware"):
-            raise ValueError(f"two_stage_scoring must be 'agnostic' or 'class_aware', got {self.two_stage_scoring!r}")
+        for name, hint in typing.get_type_hints(DetectorConfig).items():
+            options = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+            if options and getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {getattr(self, name)!r}")
         if self.backbone_frozen_stages < 0:
             raise ValueError(f"backbone_frozen_stages must be >= 0, got {self.backbone_frozen_stages}")
-        if self.hybrid_attention not in ("grouped", "masked"):
-            raise ValueError(f"hybrid_attention must be 'grouped' or 'masked', got {self.hybrid_attention!r}")
         if self.encoder_layers < 1 or self.decoder_layers < 1:
             raise ValueError("encoder_layers and decoder_layers must be >= 1")
         self._validate_denoising()
@@ -216,7 +220,8 @@ class DeformableDETR(nn.Module):
         return self.class_heads[layer if self.config.box_refine else 0](states)
 
     def _flatten(self, maps: list[Tensor], masks: list[Tensor]):
-        """Multi-scale maps -> tokens [B, S, C], pos [B, S, C], mask [B, S], shapes, valid ratios [B, L, 2]."""
+        """Multi-scale maps -> tokens [B, S, C], pos [B, S, C], mask [B, S], shapes (H, W) per level as
+        Python ints (the attention takes them so: nothing to read back from the device), valid ratios [B, L, 2]."""
         tokens, positions, flat_masks, shapes, ratios = [], [], [], [], []
         for level, (feature, mask) in enumerate(zip(maps, masks)):
             shapes.append(tuple(feature.shape[-2:]))
@@ -228,8 +233,7 @@ class DeformableDETR(nn.Module):
             valid = ~mask
             ratios.append(torch.stack((valid[:, 0, :].sum(1) / mask.shape[2], valid[:, :, 0].sum(1) / mask.shape[1]),
                                       -1))
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=maps[0].device)
-        return (torch.cat(tokens, 1), torch.cat(positions, 1), torch.cat(flat_masks, 1), spatial_shapes, shapes,
+        return (torch.cat(tokens, 1), torch.cat(positions, 1), torch.cat(flat_masks, 1), shapes,
                 torch.stack(ratios, 1).to(maps[0].dtype))
 
     def _proposals(self, memory: Tensor, mask: Tensor, shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
@@ -306,8 +310,8 @@ class DeformableDETR(nn.Module):
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
         maps, masks = self.input_proj(*self.backbone(images, mask))
-        src, pos, flat_mask, spatial_shapes, shapes, valid_ratios = self._flatten(maps, masks)
-        memory = self.encoder(src, pos, spatial_shapes, shapes, valid_ratios, flat_mask)
+        src, pos, flat_mask, shapes, valid_ratios = self._flatten(maps, masks)
+        memory = self.encoder(src, pos, shapes, valid_ratios, flat_mask)
 
         one2one = self.config.one2one_queries
         one2many = self.config.one2many_queries if self.training else 0
@@ -320,7 +324,7 @@ class DeformableDETR(nn.Module):
         if dn is not None:
             attn_mask = denoising_attention_mask(dn.groups, dn.group_size, groups, images.device)
             groups = [dn.size, *groups]
-        states, boxes = self.decoder(content, query_pos, reference, memory, spatial_shapes, valid_ratios, flat_mask,
+        states, boxes = self.decoder(content, query_pos, reference, memory, shapes, valid_ratios, flat_mask,
                                      self._box_delta, groups, masked=self.config.hybrid_attention == "masked",
                                      attn_mask=attn_mask)
         layers = [{"pred_logits": self._class_logits(i, s), "pred_boxes": b}
@@ -339,7 +343,7 @@ class DeformableDETR(nn.Module):
 
 
 @torch.no_grad()
-def postprocess(outputs: dict, sizes: Tensor, detections: int = 100) -> list[dict]:
+def postprocess(outputs: dict, sizes: Tensor, detections: int = DETECTIONS) -> list[dict]:
     """Top-``detections`` (query, class) pairs per image, boxes in pixels.
 
     outputs: {"pred_logits": [B, Q, K], "pred_boxes": [B, Q, 4] cxcywh in [0, 1]}; sizes [B, 2]

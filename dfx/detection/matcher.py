@@ -14,12 +14,13 @@ Shapes: ``B`` images, ``Q`` queries, ``K`` classes, ``n_i`` targets in image ``i
   the same matcher assigns each ground-truth box to ``k`` distinct queries.
 """
 
-import math
-
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
+
+from dfx.detection.loss_config import SetLossConfig
 
 # Keeps log() finite when a probability saturates at exactly 0 or 1.
 _LOG_EPS = 1e-8
@@ -30,7 +31,12 @@ def _check_finite(name: str, tensor: Tensor) -> None:
         raise ValueError(f"{name} contains NaN or inf values; matching needs finite numbers")
 
 
-def _check_targets(targets, batch_size: int, num_classes: int) -> None:
+def check_targets(targets, batch_size: int, num_classes: int) -> None:
+    """Raise ValueError naming the first bad target (structure, label range, finite boxes).
+
+    targets: ``batch_size`` dicts {"labels": [n_i] integer, "boxes": [n_i, 4]}. The values are
+    checked with one host read for the whole batch (one device synchronisation on a GPU).
+    """
     if not isinstance(targets, (list, tuple)) or len(targets) != batch_size:
         got = len(targets) if isinstance(targets, (list, tuple)) else type(targets).__name__
         raise ValueError(f"targets must be a list of {batch_size} dicts (one per image), got {got}")
@@ -49,19 +55,23 @@ def _check_targets(targets, batch_size: int, num_classes: int) -> None:
                 f"targets[{i}]['boxes'] must have shape [{labels.shape[0]}, 4] (cxcywh), "
                 f"got {tuple(boxes.shape)}"
             )
+    objects = [target for target in targets if target["labels"].numel()]
+    if not objects:
+        return
+    bad = torch.stack([
+        ((t["labels"] < 0) | (t["labels"] >= num_classes)).any() | ~torch.isfinite(t["boxes"]).all()
+        for t in objects
+    ])
+    if not bad.any():
+        return
+    for i, target in enumerate(targets):  # only on failure: find the image and say what is wrong
+        labels = target["labels"]
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(
                 f"targets[{i}]['labels'] must lie in [0, {num_classes - 1}], "
                 f"got values in [{int(labels.min())}, {int(labels.max())}]"
             )
-        _check_finite(f"targets[{i}]['boxes']", boxes)
-
-
-def _check_weight(name: str, value: float, upper: float = math.inf) -> float:
-    value = float(value)
-    if not (0.0 <= value <= upper):
-        raise ValueError(f"{name} must lie in [0, {upper}], got {value}")
-    return value
+        _check_finite(f"targets[{i}]['boxes']", target["boxes"])
 
 
 class HungarianMatcher(nn.Module):
@@ -77,20 +87,18 @@ class HungarianMatcher(nn.Module):
 
     def __init__(
         self,
-        cost_class: float = 2.0,
-        cost_bbox: float = 5.0,
-        cost_giou: float = 2.0,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
+        cost_class: float = SetLossConfig.cost_class,
+        cost_bbox: float = SetLossConfig.cost_bbox,
+        cost_giou: float = SetLossConfig.cost_giou,
+        focal_alpha: float = SetLossConfig.focal_alpha,
+        focal_gamma: float = SetLossConfig.focal_gamma,
     ):
         super().__init__()
-        self.cost_class = _check_weight("cost_class", cost_class)
-        self.cost_bbox = _check_weight("cost_bbox", cost_bbox)
-        self.cost_giou = _check_weight("cost_giou", cost_giou)
-        if self.cost_class == self.cost_bbox == self.cost_giou == 0.0:
-            raise ValueError("cost_class, cost_bbox and cost_giou cannot all be 0")
-        self.focal_alpha = _check_weight("focal_alpha", focal_alpha, upper=1.0)
-        self.focal_gamma = _check_weight("focal_gamma", focal_gamma)
+        settings = SetLossConfig(cost_class=float(cost_class), cost_bbox=float(cost_bbox), cost_giou=float(cost_giou),
+                                 focal_alpha=float(focal_alpha), focal_gamma=float(focal_gamma))
+        settings.validate()
+        self.cost_class, self.cost_bbox, self.cost_giou = settings.cost_class, settings.cost_bbox, settings.cost_giou
+        self.focal_alpha, self.focal_gamma = settings.focal_alpha, settings.focal_gamma
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, labels: Tensor, target_boxes: Tensor) -> Tensor:
         """Pairwise matching cost.
@@ -117,7 +125,7 @@ class HungarianMatcher(nn.Module):
         return self.cost_class * class_cost + self.cost_bbox * l1_cost - self.cost_giou * giou
 
     @torch.no_grad()
-    def forward(self, outputs: dict, targets: list, repeat: int = 1) -> list:
+    def forward(self, outputs: dict, targets: list, repeat: int = 1, validate: bool = True) -> list:
         """Match each image's queries to its targets.
 
         Args:
@@ -126,6 +134,10 @@ class HungarianMatcher(nn.Module):
             repeat: match against every target repeated this many times, as ``repeat_targets(targets,
                 repeat)`` would (H-DETR's one-to-many matching), with target indices into that
                 repeated list; the cost is computed once per distinct target and tiled.
+            validate: check the predictions and ``targets`` first (several host reads). A caller
+                that matched the same targets before (every decoder layer of a training step) passes
+                False after checking them once with :func:`check_targets`; non-finite predictions
+                are then caught on the CPU copy of the cost, which adds no synchronisation.
         Returns:
             B pairs (query_idx, target_idx), each an int64 CPU tensor of length min(Q, n_i);
             query_idx is sorted ascending, query_idx[j] is matched to target target_idx[j].
@@ -139,9 +151,10 @@ class HungarianMatcher(nn.Module):
                 f"pred_boxes must have shape [{batch_size}, {num_queries}, 4] (cxcywh), "
                 f"got {tuple(boxes.shape)}"
             )
-        _check_finite("pred_logits", logits)
-        _check_finite("pred_boxes", boxes)
-        _check_targets(targets, batch_size, num_classes)
+        if validate:
+            _check_finite("pred_logits", logits)
+            _check_finite("pred_boxes", boxes)
+            check_targets(targets, batch_size, num_classes)
 
         if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
             raise ValueError(f"repeat must be an integer >= 1, got {repeat!r}")
@@ -157,6 +170,10 @@ class HungarianMatcher(nn.Module):
         cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), labels, target_boxes)
         # scipy has no half types; float64 inputs keep their precision.
         cost = cost.to("cpu", torch.promote_types(cost.dtype, torch.float32))
+        if not np.isfinite(cost.numpy()).all():  # read on the host copy: no extra synchronisation
+            _check_finite("pred_logits", logits)
+            _check_finite("pred_boxes", boxes)
+            raise ValueError("the matching cost contains NaN or inf values (degenerate boxes?)")
         cost = cost.view(batch_size, num_queries, -1)
 
         indices = []

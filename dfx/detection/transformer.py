@@ -25,7 +25,8 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
 
 def group_attention_mask(sizes: list[int], device=None) -> Tensor:
     """[Q, Q] bool, True where query i may NOT attend to key j (they lie in different groups)."""
-    group = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    # group ids built on the host: repeat_interleave by a device tensor reads its sum back
+    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device, non_blocking=True)
     return group[:, None] != group[None, :]
 
 
@@ -45,8 +46,9 @@ class EncoderLayer(nn.Module):
         self.ffn = _ffn(dim, ffn_dim, dropout)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, src: Tensor, pos: Tensor, reference: Tensor, spatial_shapes: Tensor, padding_mask: Tensor):
-        src = self.norm1(src + self.dropout(self.self_attn(src + pos, reference, src, spatial_shapes, padding_mask)))
+    def forward(self, src: Tensor, pos: Tensor, reference: Tensor, shapes: list[tuple[int, int]],
+                padding_mask: Tensor):
+        src = self.norm1(src + self.dropout(self.self_attn(src + pos, reference, src, shapes, padding_mask)))
         return self.norm2(src + self.ffn(src))
 
 
@@ -56,10 +58,10 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(**layer) for _ in range(num_layers))
 
     @staticmethod
-    def reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
+    def reference_points(shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
         """Pixel centres of every level, [B, S, L, 2] (x, y), in each level's sampling frame."""
         points = []
-        for level, (height, width) in enumerate(spatial_shapes):
+        for level, (height, width) in enumerate(shapes):
             ys, xs = torch.meshgrid(
                 torch.linspace(0.5, height - 0.5, height, device=valid_ratios.device, dtype=valid_ratios.dtype),
                 torch.linspace(0.5, width - 0.5, width, device=valid_ratios.device, dtype=valid_ratios.dtype),
@@ -69,10 +71,11 @@ class Encoder(nn.Module):
             points.append(torch.stack((x, y), -1))
         return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, pos, spatial_shapes: Tensor, shapes: list[tuple[int, int]], valid_ratios, padding_mask):
+    def forward(self, src, pos, shapes: list[tuple[int, int]], valid_ratios, padding_mask):
+        """src, pos [B, S, C]; shapes: (H, W) per level as Python ints (no device tensor to read back)."""
         reference = self.reference_points(shapes, valid_ratios)
         for layer in self.layers:
-            src = layer(src, pos, reference, spatial_shapes, padding_mask)
+            src = layer(src, pos, reference, shapes, padding_mask)
         return src
 
 
@@ -99,10 +102,10 @@ class DecoderLayer(nn.Module):
                 for qg, vg in zip(q.split(groups, 1), tgt.split(groups, 1))]
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
-    def forward(self, tgt, query_pos, reference, memory, spatial_shapes, memory_mask, groups: list[int],
+    def forward(self, tgt, query_pos, reference, memory, shapes, memory_mask, groups: list[int],
                 mask: Tensor | None = None):
         tgt = self.norm1(tgt + self.dropout1(self._self_attention(tgt, query_pos, groups, mask)))
-        attended = self.cross_attn(tgt + query_pos, reference, memory, spatial_shapes, memory_mask)
+        attended = self.cross_attn(tgt + query_pos, reference, memory, shapes, memory_mask)
         tgt = self.norm2(tgt + self.dropout2(attended))
         return self.norm3(tgt + self.ffn(tgt))
 
@@ -123,10 +126,11 @@ class Decoder(nn.Module):
         self.box_refine = box_refine
         self.look_forward_twice = look_forward_twice and box_refine
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, reference: Tensor, memory: Tensor, spatial_shapes: Tensor,
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference: Tensor, memory: Tensor, shapes: list[tuple[int, int]],
                 valid_ratios: Tensor, memory_mask: Tensor, box_head, groups: list[int], masked: bool = False,
                 attn_mask: Tensor | None = None):
-        """reference [B, Q, 2|4] in [0, 1]; box_head(layer, states) -> box deltas [B, Q, 4].
+        """reference [B, Q, 2|4] in [0, 1]; shapes (H, W) per memory level, Python ints;
+        box_head(layer, states) -> box deltas [B, Q, 4].
         attn_mask [Q, Q] (True: may not attend) replaces the group mask, e.g. DINO's denoising mask.
 
         Returns per layer: states [B, Q, C] and boxes [B, Q, 4] (cxcywh in [0, 1]).
@@ -139,7 +143,7 @@ class Decoder(nn.Module):
         for index, layer in enumerate(self.layers):
             # a point reference becomes a box after the first refinement
             scale = valid_ratios if sampling_ref.shape[-1] == 2 else torch.cat((valid_ratios, valid_ratios), -1)
-            tgt = layer(tgt, query_pos, sampling_ref[:, :, None] * scale[:, None], memory, spatial_shapes,
+            tgt = layer(tgt, query_pos, sampling_ref[:, :, None] * scale[:, None], memory, shapes,
                         memory_mask, groups, mask)
             delta = box_head(index, tgt)
             states.append(tgt)

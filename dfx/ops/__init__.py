@@ -1,5 +1,6 @@
 """Kernels shared by the models, written in plain PyTorch (no compiled extension)."""
 
 from dfx.ops.ms_deform_attn import ms_deform_attn
+from dfx.ops.transfer import host_tensor
 
-__all__ = ["ms_deform_attn"]
+__all__ = ["host_tensor", "ms_deform_attn"]

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,13 +64,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from dfx.ops.transfer import host_tensor
+
 # Corner order used throughout: (y0, x0), (y0, x1), (y1, x0), (y1, x1).
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
 def ms_deform_attn(
     value: Tensor,
-    spatial_shapes: Tensor,
+    spatial_shapes: Tensor | Sequence[tuple[int, int]],
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
@@ -78,7 +81,9 @@ def ms_deform_attn(
     Args:
         value: ``[N, S, M, D]`` per-head values; levels concatenated in order, each flattened
             row-major, ``S = sum(H_l * W_l)``.
-        spatial_shapes: ``[L, 2]`` integer tensor of ``(H_l, W_l)``.
+        spatial_shapes: ``[L, 2]`` integer tensor of ``(H_l, W_l)``, or the same as a sequence of
+            Python ``(H_l, W_l)`` int pairs; the latter spares reading the tensor back to the host
+            (a device synchronisation on a GPU) in every call.
         sampling_locations: ``[N, Lq, M, L, P, 2]`` normalised ``(x, y)``; ``[0, 1]`` spans
             the map, points outside read zeros.
         attention_weights: ``[N, Lq, M, L, P]``.
@@ -134,14 +139,7 @@ def _check_inputs(value, spatial_shapes, sampling_locations, attention_weights) 
             raise ValueError(f"{name} must be a floating point tensor, got {_describe(tensor)}")
     if value.dim() != 4:
         raise ValueError(f"value must be [N, S, M, D], got shape {tuple(value.shape)}")
-    integer_shapes = isinstance(spatial_shapes, Tensor) and not (
-        spatial_shapes.is_floating_point() or spatial_shapes.is_complex() or spatial_shapes.dtype == torch.bool
-    )
-    if not integer_shapes:
-        raise ValueError(f"spatial_shapes must be an integer tensor [L, 2], got {_describe(spatial_shapes)}")
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.shape[0] == 0:
-        raise ValueError(f"spatial_shapes must be [L, 2] with L >= 1, got shape {tuple(spatial_shapes.shape)}")
-    level_sizes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    level_sizes = _level_sizes(spatial_shapes)
     if any(h < 1 or w < 1 for h, w in level_sizes):
         raise ValueError(f"spatial_shapes must hold (H, W) >= 1 per level, got {level_sizes}")
     batch, tokens, heads, _ = value.shape
@@ -162,10 +160,31 @@ def _check_inputs(value, spatial_shapes, sampling_locations, attention_weights) 
         raise ValueError(
             f"attention_weights must be [N, Lq, M, L, P] = {list(expected)}, got {list(attention_weights.shape)}"
         )
-    devices = {str(t.device) for t in (value, spatial_shapes, sampling_locations, attention_weights)}
+    tensors = (value, sampling_locations, attention_weights)
+    devices = {str(t.device) for t in (*tensors, spatial_shapes) if isinstance(t, Tensor)}
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(devices)}")
     return level_sizes
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _level_sizes(spatial_shapes) -> list[tuple[int, int]]:
+    """``[(H_l, W_l), ...]`` as Python ints from an integer ``[L, 2]`` tensor or int pairs."""
+    if isinstance(spatial_shapes, Tensor):
+        if spatial_shapes.is_floating_point() or spatial_shapes.is_complex() or spatial_shapes.dtype == torch.bool:
+            raise ValueError(f"spatial_shapes must be an integer tensor [L, 2] or (H, W) int pairs, got "
+                             f"{_describe(spatial_shapes)}")
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.shape[0] == 0:
+            raise ValueError(f"spatial_shapes must be [L, 2] with L >= 1, got shape {tuple(spatial_shapes.shape)}")
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    pairs = list(spatial_shapes) if isinstance(spatial_shapes, (list, tuple)) else None
+    if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(map(_is_int, p)) for p in pairs):
+        got = repr(pairs) if pairs is not None else _describe(spatial_shapes)
+        raise ValueError(f"spatial_shapes must be an integer tensor [L, 2] or (H, W) int pairs (L >= 1), got {got}")
+    return [(h, w) for h, w in pairs]
 
 
 def _describe(obj) -> str:
@@ -225,12 +244,12 @@ class _TableLayout:
 
     def per_point(self, values, dtype, device) -> Tensor:
         """``[L * P, ...]`` tensor repeating one value (or row) per level over its points."""
-        return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(self.points, dim=0)
+        return host_tensor(values, dtype, device).repeat_interleave(self.points, dim=0)
 
     def corner_offsets(self, device) -> Tensor:
         """``[4, L * P]`` row offsets of the four corners from the top-left one."""
         offsets = [[dy * (w + 2) * self.heads + dx * self.heads for _, w in self.level_sizes] for dy, dx in _CORNERS]
-        return torch.tensor(offsets, dtype=self.index_dtype, device=device).repeat_interleave(self.points, dim=1)
+        return host_tensor(offsets, self.index_dtype, device).repeat_interleave(self.points, dim=1)
 
 
 def _padded_value_table(value: Tensor, layout: _TableLayout) -> Tensor:

@@ -16,7 +16,7 @@ import json
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal, Union
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -24,7 +24,9 @@ from torch import Tensor
 from dfx.data.coco import CocoDetection
 from dfx.data.det_transforms import DetectionTransform, collate_detection
 from dfx.data.formats import SPLITS, DetectionData, find_detection_data
-from dfx.detection import DeformableDETR, DetectorConfig, HungarianMatcher, SetCriterion, official, postprocess
+from dfx.detection import DeformableDETR, DetectorConfig, SetCriterion, official, postprocess
+from dfx.detection.detector import DETECTIONS
+from dfx.detection.loss_config import HybridLossConfig, SetLossConfig
 from dfx.errors import UsageError
 from dfx.weights import load_recipe_weights
 from dfx.files import write_text_atomic
@@ -35,25 +37,23 @@ from dfx.tasks.classification import agreed_classes, data_root
 
 
 @dataclass
-class ModelConfig(DetectorConfig, WeightsConfig):
+class ModelConfig(HybridLossConfig, DetectorConfig, WeightsConfig):
     """The detector (every :class:`DetectorConfig` field; ``one2many_queries: 0`` is Deformable-DETR),
-    the hybrid branch's loss settings and post-processing. ``num_classes`` 0: from the data."""
+    the hybrid branch's loss settings (:class:`HybridLossConfig`) and post-processing. ``num_classes``
+    0: from the data."""
 
     num_classes: int = 0
-    hybrid_attention: Literal["grouped", "masked"] = "grouped"
-    two_stage_scoring: Literal["agnostic", "class_aware"] = "agnostic"
-    one2many_k: int = 6
-    one2many_weight: float = 1.0
-    detections: int = 100  # kept per image after top-k post-processing
+    detections: int = DETECTIONS  # kept per image after top-k post-processing
 
     def validate(self, prefix: str) -> None:
         try:
             self.detector_config(self.num_classes or 1).validate()
         except ValueError as e:
             raise UsageError(f"{prefix}: {e}") from None
-        if self.one2many_k < 1 or self.one2many_weight < 0:
-            raise UsageError(f"{prefix}.one2many_k must be >= 1 and {prefix}.one2many_weight >= 0, got "
-                             f"{self.one2many_k} and {self.one2many_weight}")
+        try:
+            HybridLossConfig.validate(self)
+        except ValueError as e:
+            raise UsageError(f"{prefix}.{e}") from None
         if self.detections < 1:
             raise UsageError(f"{prefix}.detections: expected >= 1, got {self.detections}")
 
@@ -69,24 +69,15 @@ class ModelConfig(DetectorConfig, WeightsConfig):
 
 
 @dataclass
-class LossConfig:
-    """Hungarian matcher costs and loss weights (Deformable-DETR's: focal 2, L1 5, GIoU 2)."""
-
-    cost_class: float = 2.0
-    cost_bbox: float = 5.0
-    cost_giou: float = 2.0
-    class_weight: float = 2.0
-    bbox_weight: float = 5.0
-    giou_weight: float = 2.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
+class LossConfig(SetLossConfig):
+    """Hungarian matcher costs and loss weights (:class:`SetLossConfig`; Deformable-DETR's: focal 2,
+    L1 5, GIoU 2)."""
 
     def validate(self, prefix: str) -> None:
-        for name, value in vars(self).items():
-            if value < 0:
-                raise UsageError(f"{prefix}.{name}: expected a value >= 0, got {value}")
-        if not 0 <= self.focal_alpha <= 1:
-            raise UsageError(f"{prefix}.focal_alpha: expected a value in [0, 1], got {self.focal_alpha}")
+        try:
+            super().validate()
+        except ValueError as e:  # the message starts with the field's name
+            raise UsageError(f"{prefix}.{e}") from None
 
 
 @dataclass
@@ -236,10 +227,7 @@ class Task:
         return list(read.category_ids) if read is not None else None
 
     def criterion(self) -> SetCriterion:
-        loss, model = self.recipe.loss, self.recipe.model
-        matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.focal_alpha, loss.focal_gamma)
-        return SetCriterion(len(self.classes), matcher, loss.class_weight, loss.bbox_weight, loss.giou_weight,
-                            loss.focal_alpha, loss.focal_gamma, model.one2many_k, model.one2many_weight)
+        return SetCriterion.from_config(len(self.classes), self.recipe.loss, self.recipe.model)
 
     def param_groups(self, model) -> list[dict]:
         """Backbone at ``train.backbone_lr``; sampling offsets and reference points at lr × offset_lr_mult."""
