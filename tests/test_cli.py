@@ -27,6 +27,7 @@ def test_version_and_help_list_the_commands():
         assert command in result.stdout
 
 
+@pytest.mark.slow
 def test_train_json_then_eval_json(tiny_recipe):
     """The --json / exit-code contract as a shell script sees it: real processes."""
     result = dfx_process("train", tiny_recipe, "train.epochs=1", "--json")

@@ -180,7 +180,9 @@ def test_a_model_that_is_not_a_vit_is_refused(tiny_root):
     assert "model must be a timm VisionTransformer" in payload["error"] and "got ResNet" in payload["error"]
 
 
+@pytest.mark.slow
 def test_exit_code_through_the_console_script():
+    """The --json / exit-code contract on a real process, as shell scripts see it."""
     result = subprocess.run([sys.executable, "-m", "dfx", "cluster", "--model", "vit_tiny_patch16_224",
                              "--cluster-ratio", "2", "--json"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

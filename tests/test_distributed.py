@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_a_single_process(tiny_recipe, tmp_path):
     # SGD: the update is linear in the gradient, so float noise in gradients that are zero in exact
     # arithmetic (e.g. the attention key bias) is not amplified the way Adam normalisation does

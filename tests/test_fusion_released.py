@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import dfx
+from conftest import run_dfx
 from dfx.engine.checkpoint import save_weights
 from dfx.errors import UsageError
 from dfx.fusion.released import convert_deliver, convert_nyudv2
@@ -258,9 +259,7 @@ def test_dfx_eval_reports_each_stream_and_the_ensemble_of_a_release(tmp_path):
 def test_dfx_eval_of_a_release_that_does_not_fit_exits_2_naming_the_keys(tmp_path):
     file = tmp_path / "rgbdel.pth"
     torch.save(deliver_release(tiny_deliver()), file)
-    command = [sys.executable, "-m", "dfx", "eval", str(DELIVER), f"model.weights={file}",
-               "data.modalities=[img,depth]", *TINY, "--json"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    result = run_dfx("eval", DELIVER, f"model.weights={file}", "data.modalities=[img,depth]", *TINY, "--json")
     assert result.returncode == 2, result.stderr
     error = json.loads(result.stdout)["error"]
     assert "the checkpoint takes 4 modalities" in error and "['img', 'depth']" in error

@@ -112,6 +112,7 @@ def test_evaluator_reports_the_ensemble_and_each_stream():
     assert metrics["mIoU"] == 1.0 and metrics["mIoU/rgb"] == 1.0 and metrics["mIoU/depth"] == 0.0
 
 
+@pytest.mark.slow
 def test_fuse_trains_and_reports_per_stream_miou(fusion_recipe):
     from test_cli import dfx as dfx_subprocess  # one real process: the --json contract end to end
 
@@ -126,6 +127,7 @@ def test_fuse_trains_and_reports_per_stream_miou(fusion_recipe):
     assert json.loads(evaluated.stdout)["metrics"]["mIoU"] == pytest.approx(payload["best"]["mIoU"])
 
 
+@pytest.mark.slow
 def test_compare_tabulates_every_strategy(fusion_recipe, tmp_path):
     from dfx.compare import markdown
 

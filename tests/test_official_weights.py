@@ -352,6 +352,7 @@ def test_released_checkpoints_give_the_reference_outputs(variant, tmp_path):
     torch.testing.assert_close(outputs["pred_boxes"], boxes, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # two full-size R50 models
 @pytest.mark.parametrize("recipe, overrides, changes", [
     (*HDETR, dict(backbone="resnet50", enc_layers=6, dec_layers=6, dim_feedforward=2048, enc_n_points=4,
                   dec_n_points=4, num_queries_one2one=300, num_queries_one2many=1500)),
