@@ -1,13 +1,71 @@
-"""Progress display: rich bars on a terminal, plain periodic lines otherwise (logs, CI)."""
+"""Progress display and dfx's one logging channel.
+
+Bars are rich on a terminal; everything else -- plain progress lines when stderr is not a
+terminal, data summaries, the run directory, warnings -- is a record of the standard ``logging``
+logger ``dfx`` (modules log to ``logging.getLogger(__name__)``, its children), written to stderr
+as plain lines. The CLI sets it up once from ``--quiet`` / ``--debug``; stdout stays free for
+results and ``--json``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import time
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+logger = logging.getLogger("dfx")
+
+
+class _Stderr(logging.StreamHandler):
+    """Plain lines on whatever ``sys.stderr`` is when a record comes (rich's live bars, pytest
+    and typer's test runner swap it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler assigns one; the current stderr is always used
+        pass
+
+
+def log_to_stderr(quiet: bool = False, debug: bool = False) -> None:
+    """Write dfx's log records to stderr: info and up; only warnings and errors when ``quiet``;
+    debug records too with ``debug``. Installs the handler once per process."""
+    if not any(isinstance(handler, _Stderr) for handler in logger.handlers):
+        logger.addHandler(_Stderr())
+        logger.propagate = False  # an application's root handlers would print every line twice
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+
+
+def _default_handler() -> None:
+    """Python callers (no CLI) get the stderr handler, at info level, on first use."""
+    if not logger.handlers:
+        log_to_stderr()
+
+
+@contextlib.contextmanager
+def quieted(quiet: bool):
+    """Within the block, only warnings and errors when ``quiet``; the logger's level is restored
+    after."""
+    _default_handler()
+    previous = logger.level
+    if quiet:
+        logger.setLevel(max(previous, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 def _fmt(values: dict) -> str:
@@ -20,11 +78,10 @@ class EpochProgress:
     ``enabled=False`` (non-zero ranks, ``--quiet``) shows nothing.
     """
 
-    def __init__(self, enabled: bool = True, log_every: int = 20, console: Console | None = None):
+    def __init__(self, enabled: bool = True, console: Console | None = None):
         self.enabled = enabled
         self.console = console or Console(stderr=True)
         self.tty = self.console.is_terminal and sys.stderr.isatty()
-        self.log_every = max(1, log_every)
         self._bar = None
 
     def start(self, epoch: int, epochs: int, steps: int) -> None:
@@ -40,19 +97,20 @@ class EpochProgress:
         self._bar.start()
         self._task = self._bar.add_task("train", total=steps, epoch=f"{epoch}/{epochs}", rate="", info="")
 
-    def step(self, step: int, values: dict) -> None:
+    def step(self, step: int, values: dict | None = None) -> None:
+        """Step ``step`` done; ``values`` (loss, lr, ...) at the log points, where a plain line is
+        written when stderr is not a terminal."""
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.t0
         rate = step / elapsed if elapsed > 0 else 0.0
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, rate=f"{rate:.1f} it/s", info=_fmt(values))
-        elif step % self.log_every == 0 or step == self.steps:
+            shown = {} if values is None else {"info": _fmt(values)}
+            self._bar.update(self._task, completed=step, rate=f"{rate:.1f} it/s", **shown)
+        elif values is not None:
             eta = (self.steps - step) / rate if rate > 0 else 0.0
-            self.console.print(
-                f"epoch {self.epoch}/{self.epochs} step {step}/{self.steps} {_fmt(values)} "
-                f"{rate:.2f} it/s eta {eta:.0f}s", highlight=False, soft_wrap=True,
-            )
+            logger.info(f"epoch {self.epoch}/{self.epochs} step {step}/{self.steps} {_fmt(values)} "
+                        f"{rate:.2f} it/s eta {eta:.0f}s")
 
     def end(self) -> None:
         if self._bar is not None:
@@ -60,19 +118,21 @@ class EpochProgress:
             self._bar = None
 
     def log(self, message: str) -> None:
+        """An info record, from the process that shows progress only."""
         if self.enabled:
-            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+            logger.info(message)
 
 
 def track(items, total: int | None = None, description: str = "", enabled: bool = True,
           console: Console | None = None, every_s: float = 10.0):
     """Yield ``items`` with a progress bar on a terminal; otherwise a plain line every ``every_s``
-    seconds and one at the end (logs stay short). ``enabled=False`` (``--quiet``, ``--json``,
-    non-zero ranks) shows nothing. Everything goes to stderr.
+    seconds and one at the end (logs stay short), as info records. ``enabled=False`` (``--quiet``,
+    ``--json``, non-zero ranks) shows nothing. Everything goes to stderr.
     """
     if not enabled:
         yield from items
         return
+    _default_handler()
     console = console or Console(stderr=True)
     total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
     if console.is_terminal and sys.stderr.isatty():
@@ -89,7 +149,5 @@ def track(items, total: int | None = None, description: str = "", enabled: bool 
         if now - last >= every_s and (total is None or done < total):
             last = now
             eta = f", eta {(total - done) * (now - t0) / done:.0f}s" if total else ""
-            console.print(f"{description} {done}/{total or '?'} ({now - t0:.0f}s{eta})", markup=False, highlight=False,
-                          soft_wrap=True)
-    console.print(f"{description}: {done} done in {time.perf_counter() - t0:.1f}s", markup=False, highlight=False,
-                  soft_wrap=True)
+            logger.info(f"{description} {done}/{total or '?'} ({now - t0:.0f}s{eta})")
+    logger.info(f"{description}: {done} done in {time.perf_counter() - t0:.1f}s")
