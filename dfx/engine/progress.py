@@ -1,16 +1,8 @@
-"""Progress display and dfx's one logging channel.
-
-Bars are rich on a terminal; everything else -- plain progress lines when stderr is not a
-terminal, data summaries, the run directory, warnings -- is a record of the standard ``logging``
-logger ``dfx`` (modules log to ``logging.getLogger(__name__)``, its children), written to stderr
-as plain lines. The CLI sets it up once from ``--quiet`` / ``--debug``; stdout stays free for
-results and ``--json``.
-"""
+"""Progress display: rich bars on a terminal; otherwise plain periodic lines, written as records
+of dfx's logger (see :mod:`dfx.log`) like every other message."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import sys
 import time
 
@@ -18,54 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-
-logger = logging.getLogger("dfx")
-
-
-class _Stderr(logging.StreamHandler):
-    """Plain lines on whatever ``sys.stderr`` is when a record comes (rich's live bars, pytest
-    and typer's test runner swap it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.setFormatter(logging.Formatter("%(message)s"))
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:  # StreamHandler assigns one; the current stderr is always used
-        pass
-
-
-def log_to_stderr(quiet: bool = False, debug: bool = False) -> None:
-    """Write dfx's log records to stderr: info and up; only warnings and errors when ``quiet``;
-    debug records too with ``debug``. Installs the handler once per process."""
-    if not any(isinstance(handler, _Stderr) for handler in logger.handlers):
-        logger.addHandler(_Stderr())
-        logger.propagate = False  # an application's root handlers would print every line twice
-    logger.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
-
-
-def _default_handler() -> None:
-    """Python callers (no CLI) get the stderr handler, at info level, on first use."""
-    if not logger.handlers:
-        log_to_stderr()
-
-
-@contextlib.contextmanager
-def quieted(quiet: bool):
-    """Within the block, only warnings and errors when ``quiet``; the logger's level is restored
-    after."""
-    _default_handler()
-    previous = logger.level
-    if quiet:
-        logger.setLevel(max(previous, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
+from dfx.log import default_handler, logger
 
 
 def _fmt(values: dict) -> str:
@@ -132,7 +77,7 @@ def track(items, total: int | None = None, description: str = "", enabled: bool 
     if not enabled:
         yield from items
         return
-    _default_handler()
+    default_handler()
     console = console or Console(stderr=True)
     total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
     if console.is_terminal and sys.stderr.isatty():

@@ -27,7 +27,8 @@ import dfx
 from dfx.data.seeded import SeededDataset
 from dfx.engine import checkpoint as ckpt
 from dfx.engine import distributed as D
-from dfx.engine.progress import EpochProgress, logger, quieted, track
+from dfx.engine.progress import EpochProgress, track
+from dfx.log import logger, quieted
 from dfx.engine.records import log_scalars, plot, read_rows, tensorboard_writer_class, write_rows
 from dfx.engine.rundir import RunLock, check_resumable, latest_run, new_run_dir
 from dfx.errors import RunError, UsageError
@@ -164,7 +165,7 @@ def train(recipe: Recipe | str | Path, overrides: Iterable[str] = (), *, out: st
     ctx = D.setup(device)
     lock: list[RunLock] = []
     try:
-        with quieted(quiet):
+        with quieted(quiet or not ctx.is_main):  # the other ranks: warnings and errors only
             result = _train(recipe, ctx, out=out, resume_dir=resume_dir, callbacks=list(callbacks), quiet=quiet,
                             lock=lock)
     finally:
