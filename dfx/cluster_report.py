@@ -88,12 +88,12 @@ def cluster_report(model: str, cluster_ratio: float = 0.5, alpha: int | None = N
         temperature = AUTO_SHARPNESS / max(distance, 1e-12)
         clustered = wrap_model(base, cluster_ratio, alpha, temperature=temperature, **settings)
         vit = vit_of(clustered)
-        logger.info(f"dfx: temperature auto: {temperature:.4g} (= {AUTO_SHARPNESS} / median squared token-centre distance "
-                    f"{distance:.4g} at block {vit.hourglass_config.alpha})")
+        logger.info(f"dfx: temperature auto: {temperature:.4g} (= {AUTO_SHARPNESS} / median squared token-centre "
+                    f"distance {distance:.4g} at block {vit.hourglass_config.alpha})")
 
     small_grid = vit.clustered_grid(grid)
-    logger.info(f"dfx: {description}: {grid[0]}x{grid[1]} patch tokens -> {small_grid[0]}x{small_grid[1]} clusters; fidelity on "
-                f"{len(sample)} images")
+    logger.info(f"dfx: {description}: {grid[0]}x{grid[1]} patch tokens -> {small_grid[0]}x{small_grid[1]} clusters; "
+                f"fidelity on {len(sample)} images")
     report = {"model": description, "weights": "trained" if task is not None else "random", "image_size": size,
               "grid": list(grid), "clustered_grid": list(small_grid),
               "settings": {**clustering_settings(clustered), "temperature_mode": "auto" if auto else "fixed"},
@@ -101,9 +101,9 @@ def cluster_report(model: str, cluster_ratio: float = 0.5, alpha: int | None = N
               "assignment": assignment_sharpness(clustered, sample)}
     distance, sharpness = report["assignment"]["distance"], report["assignment"]["sharpness"]
     if sharpness < 0.1 and not auto:
-        logger.warning(f"dfx: warning: temperature {temperature} x squared token-centre distance {distance:.3g} = {sharpness:.2g}: "
-                       "soft assignments are nearly uniform for this model's feature scale and clustering blurs the "
-                       f"features; try --temperature auto (here {AUTO_SHARPNESS / distance:.2g})")
+        logger.warning(f"dfx: warning: temperature {temperature} x squared token-centre distance {distance:.3g} = "
+                       f"{sharpness:.2g}: soft assignments are nearly uniform for this model's feature scale and "
+                       f"clustering blurs the features; try --temperature auto (here {AUTO_SHARPNESS / distance:.2g})")
     models = {"baseline": base, "clustered": clustered}
     from dfx.engine.progress import track
 
