@@ -23,6 +23,7 @@ from rich.text import Text
 
 import dfx
 from dfx.errors import DfxError, UsageError, rank_label
+from dfx.log import log_to_stderr, logger
 
 try:  # Typer's command-line parse errors (it ships its own copy of click)
     from typer._click.exceptions import NoArgsIsHelpError
@@ -128,8 +129,13 @@ def report(message: str, code: int, json_out: bool) -> None:
         print(json.dumps({"error": message, "exit_code": code}), flush=True)
 
 
-def run(work: Callable[[], dict], *, json_out: bool, debug: bool, show: Callable[[dict], None]) -> None:
-    """Call ``work`` and print its result; turn errors into a line and an exit code."""
+def run(work: Callable[[], dict], *, json_out: bool, debug: bool, show: Callable[[dict], None],
+        quiet: bool = False) -> None:
+    """Call ``work`` and print its result; turn errors into a line and an exit code.
+
+    dfx's log records go to stderr, warnings and errors only with ``--quiet``.
+    """
+    log_to_stderr(quiet=quiet, debug=debug)
     try:
         result = work()
     except DfxError as e:
@@ -278,7 +284,7 @@ def train(
 
         return train_recipe(recipe, overrides, out=out_dir, resume=resume, device=device, quiet=quiet)
 
-    run(work, json_out=json_out, debug=debug, show=lambda result: _show_run(result, dry_run))
+    run(work, json_out=json_out, debug=debug, quiet=quiet, show=lambda result: _show_run(result, dry_run))
 
 
 @app.command("eval")
@@ -338,7 +344,7 @@ def eval_(
         if "detections" not in result:
             _print_files(result, ("predictions", "annotations", "pr_curve", "picture"))
 
-    run(work, json_out=json_out, debug=debug, show=show)
+    run(work, json_out=json_out, debug=debug, quiet=quiet, show=show)
 
 
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
@@ -377,7 +383,7 @@ def data_check(
         report.update(check_data(target, items, decode=not no_decode, progress=not (quiet or json_out)))
         return report
 
-    run(work, json_out=json_out, debug=debug, show=_show_data_report)
+    run(work, json_out=json_out, debug=debug, quiet=quiet, show=_show_data_report)
     if report and not report["ok"]:
         raise typer.Exit(1)
 
@@ -537,7 +543,7 @@ def cluster(
         if "metric" in result:
             out.print(f"{result['metric']} drop: {result['metric_drop']:.2f} points", highlight=False)
 
-    run(work, json_out=json_out, debug=debug, show=show)
+    run(work, json_out=json_out, debug=debug, quiet=quiet, show=show)
 
 
 def _temperature(text: str) -> float | str:
@@ -602,7 +608,7 @@ def distill(
         return run_distill(recipe, overrides, teacher=teacher, student=student, out=out_dir, resume=resume,
                            device=device, quiet=quiet, dry_run=dry_run)
 
-    run(work, json_out=json_out, debug=debug,
+    run(work, json_out=json_out, debug=debug, quiet=quiet,
         show=lambda result: _show_run(result, dry_run, f"teacher {result.get('teacher')}, "))
 
 
@@ -651,7 +657,7 @@ def fuse(
             return
         _show_compare(result)
 
-    run(work, json_out=json_out, debug=debug, show=show)
+    run(work, json_out=json_out, debug=debug, quiet=quiet, show=show)
 
 
 @app.command()
@@ -684,14 +690,10 @@ def compare(
     def work() -> dict:
         from dfx.compare import compare as run_compare
 
-        def log(line: str) -> None:
-            if not quiet:
-                print(line, file=sys.stderr, flush=True)
-
         return run_compare(specs, common, seeds=parse_seeds(seeds), jobs=jobs, name=name, out=out_dir,
-                           device=device, log=log)
+                           device=device, log=logger.info)
 
-    run(work, json_out=json_out, debug=debug, show=_show_compare)
+    run(work, json_out=json_out, debug=debug, quiet=quiet, show=_show_compare)
 
 
 def _show_compare(result: dict) -> None:
@@ -711,13 +713,8 @@ def _compare_strategies(recipe: Path, strategies: str, overrides: list[str], out
     names = fusion_task.strategies_of(strategies)
     seed = fusion_task.load_fusion_recipe(recipe, overrides).train.seed  # checks the recipe before any training
     variants = [Variant(name, str(recipe), [f"model.fusion={name}"]) for name in names]
-
-    def log(line: str) -> None:
-        if not quiet:
-            print(line, file=sys.stderr, flush=True)
-
     return compare(variants, overrides, seeds=[seed], name=f"{recipe.stem}-fusion", out=out_dir, device=device,
-                   log=log)
+                   log=(lambda line: None) if quiet else logger.info)
 
 
 @app.command()
@@ -770,7 +767,7 @@ def predict(
         out.print(f"{counts} in {result['elapsed_s']:.1f} s -> {result['out']}", highlight=False)
         _print_files(result, ("predictions", "results", "labels", "pictures"))
 
-    run(work, json_out=json_out, debug=debug, show=show)
+    run(work, json_out=json_out, debug=debug, quiet=quiet, show=show)
 
 
 @app.command()

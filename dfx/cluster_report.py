@@ -10,8 +10,8 @@ validation metric with and without; GFLOPs, latency (side by side) and the speed
 
 from __future__ import annotations
 
+import logging
 import statistics
-import sys
 from numbers import Real
 from pathlib import Path
 
@@ -42,8 +42,7 @@ def wrap_model(model: nn.Module, cluster_ratio: float, alpha: int | None = None,
         raise UsageError(f"cannot cluster {type(vit_of(model)).__name__}: {e}") from None
 
 
-def _log(message: str) -> None:
-    print(f"dfx: {message}", file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 def cluster_report(model: str, cluster_ratio: float = 0.5, alpha: int | None = None, data: str | None = None,
@@ -89,12 +88,12 @@ def cluster_report(model: str, cluster_ratio: float = 0.5, alpha: int | None = N
         temperature = AUTO_SHARPNESS / max(distance, 1e-12)
         clustered = wrap_model(base, cluster_ratio, alpha, temperature=temperature, **settings)
         vit = vit_of(clustered)
-        _log(f"temperature auto: {temperature:.4g} (= {AUTO_SHARPNESS} / median squared token-centre distance "
-             f"{distance:.4g} at block {vit.hourglass_config.alpha})")
+        logger.info(f"dfx: temperature auto: {temperature:.4g} (= {AUTO_SHARPNESS} / median squared token-centre "
+                    f"distance {distance:.4g} at block {vit.hourglass_config.alpha})")
 
     small_grid = vit.clustered_grid(grid)
-    _log(f"{description}: {grid[0]}x{grid[1]} patch tokens -> {small_grid[0]}x{small_grid[1]} clusters; fidelity on "
-         f"{len(sample)} images")
+    logger.info(f"dfx: {description}: {grid[0]}x{grid[1]} patch tokens -> {small_grid[0]}x{small_grid[1]} clusters; "
+                f"fidelity on {len(sample)} images")
     report = {"model": description, "weights": "trained" if task is not None else "random", "image_size": size,
               "grid": list(grid), "clustered_grid": list(small_grid),
               "settings": {**clustering_settings(clustered), "temperature_mode": "auto" if auto else "fixed"},
@@ -102,9 +101,9 @@ def cluster_report(model: str, cluster_ratio: float = 0.5, alpha: int | None = N
               "assignment": assignment_sharpness(clustered, sample)}
     distance, sharpness = report["assignment"]["distance"], report["assignment"]["sharpness"]
     if sharpness < 0.1 and not auto:
-        _log(f"warning: temperature {temperature} x squared token-centre distance {distance:.3g} = {sharpness:.2g}: "
-             "soft assignments are nearly uniform for this model's feature scale and clustering blurs the features; "
-             f"try --temperature auto (here {AUTO_SHARPNESS / distance:.2g})")
+        logger.warning(f"dfx: warning: temperature {temperature} x squared token-centre distance {distance:.3g} = "
+                       f"{sharpness:.2g}: soft assignments are nearly uniform for this model's feature scale and "
+                       f"clustering blurs the features; try --temperature auto (here {AUTO_SHARPNESS / distance:.2g})")
     models = {"baseline": base, "clustered": clustered}
     from dfx.engine.progress import track
 
@@ -123,7 +122,7 @@ def cluster_report(model: str, cluster_ratio: float = 0.5, alpha: int | None = N
         loader = make_loader(dataset, recipe.eval.batch_size, ctx, shuffle=False, seed=0, num_workers=0,
                              collate_fn=task.collate_fn)
         for name, net in models.items():
-            _log(f"{key} of the {name} model on {len(dataset)} validation images")
+            logger.info(f"dfx: {key} of the {name} model on {len(dataset)} validation images")
             report[name][key] = evaluate(task, net, loader, ctx, progress=progress)[key]
         report["metric"] = key
         report["metric_drop"] = (report["baseline"][key] - report["clustered"][key]) * 100

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Iterable
@@ -359,7 +359,7 @@ def _read_batch(predictor: Predictor, samples: list[list[Path]], skipped: list[d
         except (OSError, ValueError, UsageError, Image.DecompressionBombError) as e:
             reason = _reason(paths, e)
             skipped.append({"file": str(paths[0]), "reason": reason})
-            print(f"dfx predict: skipped {paths[0]}: {reason}", file=sys.stderr, flush=True)
+            logger.warning(f"dfx predict: skipped {paths[0]}: {reason}")
             continue
         chunk.append(paths)
         pictures.append(picture)

@@ -113,6 +113,7 @@ class TrainConfig:
     num_workers: int = 2
     log_every: int = 20
     tensorboard: bool = False  # also log to <run>/tensorboard (needs the tensorboard extra)
+    compile: bool = False  # train the network under torch.compile (evaluation stays eager)
 
 
 @dataclass

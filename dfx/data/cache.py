@@ -13,12 +13,14 @@ import hashlib
 import json
 import os
 import shutil
-import sys
+import logging
 from pathlib import Path
 from typing import Callable
 
 from dfx.errors import RunError
 from dfx.files import FileLock
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "dfx-manifest.json"
 
@@ -53,7 +55,7 @@ def ensure_dataset(name: str, generate: Callable[[Path], dict], log=None) -> Pat
     ``generate`` writes the files into the folder it is given and returns metadata that is kept
     in the manifest. A cached copy that fails verification is regenerated.
     """
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or logger.info
     root = dfx_home() / "datasets" / name
     try:
         root.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Progress display: rich bars on a terminal, plain periodic lines otherwise (logs, CI)."""
+"""Progress display: rich bars on a terminal; otherwise plain periodic lines, written as records
+of dfx's logger (see :mod:`dfx.log`) like every other message."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from dfx.log import default_handler, logger
 
 
 def _fmt(values: dict) -> str:
@@ -20,11 +23,10 @@ class EpochProgress:
     ``enabled=False`` (non-zero ranks, ``--quiet``) shows nothing.
     """
 
-    def __init__(self, enabled: bool = True, log_every: int = 20, console: Console | None = None):
+    def __init__(self, enabled: bool = True, console: Console | None = None):
         self.enabled = enabled
         self.console = console or Console(stderr=True)
         self.tty = self.console.is_terminal and sys.stderr.isatty()
-        self.log_every = max(1, log_every)
         self._bar = None
 
     def start(self, epoch: int, epochs: int, steps: int) -> None:
@@ -40,19 +42,20 @@ class EpochProgress:
         self._bar.start()
         self._task = self._bar.add_task("train", total=steps, epoch=f"{epoch}/{epochs}", rate="", info="")
 
-    def step(self, step: int, values: dict) -> None:
+    def step(self, step: int, values: dict | None = None) -> None:
+        """Step ``step`` done; ``values`` (loss, lr, ...) at the log points, where a plain line is
+        written when stderr is not a terminal."""
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.t0
         rate = step / elapsed if elapsed > 0 else 0.0
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, rate=f"{rate:.1f} it/s", info=_fmt(values))
-        elif step % self.log_every == 0 or step == self.steps:
+            shown = {} if values is None else {"info": _fmt(values)}
+            self._bar.update(self._task, completed=step, rate=f"{rate:.1f} it/s", **shown)
+        elif values is not None:
             eta = (self.steps - step) / rate if rate > 0 else 0.0
-            self.console.print(
-                f"epoch {self.epoch}/{self.epochs} step {step}/{self.steps} {_fmt(values)} "
-                f"{rate:.2f} it/s eta {eta:.0f}s", highlight=False, soft_wrap=True,
-            )
+            logger.info(f"epoch {self.epoch}/{self.epochs} step {step}/{self.steps} {_fmt(values)} "
+                        f"{rate:.2f} it/s eta {eta:.0f}s")
 
     def end(self) -> None:
         if self._bar is not None:
@@ -60,19 +63,21 @@ class EpochProgress:
             self._bar = None
 
     def log(self, message: str) -> None:
+        """An info record, from the process that shows progress only."""
         if self.enabled:
-            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+            logger.info(message)
 
 
 def track(items, total: int | None = None, description: str = "", enabled: bool = True,
           console: Console | None = None, every_s: float = 10.0):
     """Yield ``items`` with a progress bar on a terminal; otherwise a plain line every ``every_s``
-    seconds and one at the end (logs stay short). ``enabled=False`` (``--quiet``, ``--json``,
-    non-zero ranks) shows nothing. Everything goes to stderr.
+    seconds and one at the end (logs stay short), as info records. ``enabled=False`` (``--quiet``,
+    ``--json``, non-zero ranks) shows nothing. Everything goes to stderr.
     """
     if not enabled:
         yield from items
         return
+    default_handler()
     console = console or Console(stderr=True)
     total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
     if console.is_terminal and sys.stderr.isatty():
@@ -89,7 +94,5 @@ def track(items, total: int | None = None, description: str = "", enabled: bool 
         if now - last >= every_s and (total is None or done < total):
             last = now
             eta = f", eta {(total - done) * (now - t0) / done:.0f}s" if total else ""
-            console.print(f"{description} {done}/{total or '?'} ({now - t0:.0f}s{eta})", markup=False, highlight=False,
-                          soft_wrap=True)
-    console.print(f"{description}: {done} done in {time.perf_counter() - t0:.1f}s", markup=False, highlight=False,
-                  soft_wrap=True)
+            logger.info(f"{description} {done}/{total or '?'} ({now - t0:.0f}s{eta})")
+    logger.info(f"{description}: {done} done in {time.perf_counter() - t0:.1f}s")

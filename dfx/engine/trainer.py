@@ -15,6 +15,7 @@ import contextlib
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -27,6 +28,7 @@ from dfx.data.seeded import SeededDataset
 from dfx.engine import checkpoint as ckpt
 from dfx.engine import distributed as D
 from dfx.engine.progress import EpochProgress, track
+from dfx.log import logger, quieted
 from dfx.engine.records import log_scalars, plot, read_rows, tensorboard_writer_class, write_rows
 from dfx.engine.rundir import RunLock, check_resumable, latest_run, new_run_dir
 from dfx.errors import RunError, UsageError
@@ -157,12 +159,15 @@ def train(recipe: Recipe | str | Path, overrides: Iterable[str] = (), *, out: st
 
     ``resume``: None (new run), ``"latest"`` (newest run of this recipe) or a run directory.
     ``callbacks`` are called as ``cb(epoch=..., row=..., run_dir=...)`` after each epoch is saved.
+    ``quiet``: no progress and no info records on stderr (warnings and errors still show).
     """
     recipe, resume_dir = resolve_run(recipe, overrides, resume)
     ctx = D.setup(device)
     lock: list[RunLock] = []
     try:
-        result = _train(recipe, ctx, out=out, resume_dir=resume_dir, callbacks=list(callbacks), quiet=quiet, lock=lock)
+        with quieted(quiet or not ctx.is_main):  # the other ranks: warnings and errors only
+            result = _train(recipe, ctx, out=out, resume_dir=resume_dir, callbacks=list(callbacks), quiet=quiet,
+                            lock=lock)
     finally:
         for held in lock:
             held.release()
@@ -190,15 +195,50 @@ def open_run_dir(run_dir: Path, lock: list, resuming: bool, log) -> dict | None:
     return state
 
 
-def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet, lock) -> dict:
-    t, started = recipe.train, time.perf_counter()
-    progress = EpochProgress(enabled=ctx.is_main and not quiet, log_every=t.log_every)
-    writer_class = tensorboard_writer_class() if t.tensorboard and ctx.is_main else None  # fail before any work
+@dataclass
+class Run:
+    """A training run between its steps: what was built, and how far it has come.
+
+    ``model`` is the plain module (its state_dict is what checkpoints hold); ``net`` is what the
+    steps call: ``model`` itself, or it compiled (``train.compile``) and/or wrapped in DDP.
+    ``epoch`` is the last completed epoch (0 before the first).
+    """
+
+    recipe: Recipe
+    ctx: D.Context
+    task: object
+    train_set: SeededDataset
+    loader: DataLoader
+    val_loader: DataLoader
+    model: torch.nn.Module
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    ema: object | None
+    dtype: torch.dtype | None
+    run_dir: Path | None = None
+    board: object | None = None
+    epoch: int = 0
+    global_step: int = 0
+    best: dict | None = None
+    rows: list = field(default_factory=list)
+    files: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # the last validation metrics
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        # Evaluation runs eager: once an epoch, on shapes that vary (detection), in eval mode --
+        # compiling it would cost more recompilations than it saves.
+        return self.ema.module if self.ema is not None else self.model
+
+
+def build(recipe: Recipe, ctx: D.Context, progress: EpochProgress) -> Run:
+    """Data, model, optimizer, scheduler, AMP scaler and EMA, identically initialised on every rank."""
+    t = recipe.train
     if t.batch_size % ctx.world_size:
         raise UsageError(f"train.batch_size {t.batch_size} is the global batch; it must divide by the "
                          f"{ctx.world_size} processes")
-
-    # data and model, identically initialised on every rank
     seed_everything(t.seed)
     task = task_module(recipe.task).Task(recipe)
     train_set = SeededDataset(task.dataset("train"), t.seed)
@@ -212,137 +252,200 @@ def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet,
     if hasattr(task, "data_summary"):
         progress.log(task.data_summary())
     model = task.build_model().to(ctx.device)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
-                                                    else None) if ctx.distributed else model
     optimizer = build_optimizer(model, task, t)
     scheduler = build_scheduler(optimizer, t, len(loader))
     dtype = amp_dtype(t.amp, ctx.device)
-    if t.amp and ctx.device.type != "cuda":
-        progress.log("dfx: train.amp applies on CUDA only; training in float32 on CPU")
+    if t.amp and ctx.device.type != "cuda" and ctx.is_main:
+        logger.warning("dfx: train.amp applies on CUDA only; training in float32 on CPU")
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     ema = None
     if t.ema:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=t.ema_decay)
+    # torch.compile wraps the module (its state_dict keeps plain keys); DDP wraps the compiled
+    # module, as PyTorch recommends, so Dynamo does not trace DDP's hooks.
+    net = torch.compile(model) if t.compile else model
+    if ctx.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[ctx.device.index]
+                                                        if ctx.device.type == "cuda" else None)
+    return Run(recipe, ctx, task, train_set, loader, val_loader, model, net, optimizer, scheduler, scaler, ema, dtype)
 
-    # run directory: created (or found) by rank 0, shared with the others
-    start_epoch, global_step, best, rows, files = 1, 0, None, [], {}
+
+def restore(run: Run, state: dict) -> None:
+    """Continue from a committed training state: weights, optimizer, scheduler, scaler, EMA, RNG
+    states, counters and the records of exactly the committed epochs."""
+    weights = run.run_dir / "checkpoints" / "last.safetensors"
+    try:
+        run.model.load_state_dict(ckpt.load_weights(weights))
+    except RuntimeError as e:
+        raise RunError(f"checkpoint {weights} does not fit the recipe's model: {str(e).splitlines()[0]}") from None
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None and "ema" in state:
+        run.ema.module.load_state_dict(state["ema"])
+    run.epoch, run.global_step, run.best = state["epoch"], state["global_step"], state.get("best")
+    ckpt.set_rng_state(state["rng"])
+    run.files = state.get("files", {})
+    # the records committed with the state; older runs kept them only in metrics.jsonl
+    run.rows = state.get("rows") or [r for r in read_rows(run.run_dir) if r["epoch"] <= state["epoch"]]
+    run.metrics = next(({k[4:]: v for k, v in r.items() if k.startswith("val/")} for r in reversed(run.rows)
+                        if any(k.startswith("val/") for k in r)), {})
+    if run.ctx.is_main:  # the records of exactly the committed epochs (a kill may have cut them short)
+        write_rows(run.run_dir, run.rows)
+        plot(run.run_dir, run.rows)
+
+
+def open_run(run: Run, *, out, resume_dir: Path | None, lock: list, progress: EpochProgress, writer_class) -> None:
+    """Create (rank 0) or find the run directory, shared with the other ranks, and restore its
+    last committed state when resuming."""
+    ctx, recipe = run.ctx, run.recipe
     if resume_dir is None:
-        run_dir = Path(D.broadcast_object(str(new_run_dir(recipe.task, recipe.name, out)) if ctx.is_main else None, ctx))
+        run.run_dir = Path(D.broadcast_object(str(new_run_dir(recipe.task, recipe.name, out)) if ctx.is_main else None,
+                                              ctx))
     else:
-        run_dir = resume_dir
-    state = open_run_dir(run_dir, lock, resume_dir is not None, progress.log) if ctx.is_main else None
+        run.run_dir = resume_dir
+    state = open_run_dir(run.run_dir, lock, resume_dir is not None, progress.log) if ctx.is_main else None
     if ctx.distributed and resume_dir is not None:  # the other ranks read what rank 0 recovered
         committed = D.broadcast_object(state is not None, ctx)
         if not ctx.is_main and committed:
-            state = ckpt.load_state(run_dir / "checkpoints" / "last.state.pt")
+            state = ckpt.load_state(run.run_dir / "checkpoints" / "last.state.pt")
     if state is not None:
-        try:
-            model.load_state_dict(ckpt.load_weights(run_dir / "checkpoints" / "last.safetensors"))
-        except RuntimeError as e:
-            raise RunError(f"checkpoint {run_dir}/checkpoints/last.safetensors does not fit the recipe's model: "
-                           f"{str(e).splitlines()[0]}") from None
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and "ema" in state:
-            ema.module.load_state_dict(state["ema"])
-        start_epoch, global_step, best = state["epoch"] + 1, state["global_step"], state.get("best")
-        ckpt.set_rng_state(state["rng"])
-        files = state.get("files", {})
-        # the records committed with the state; older runs kept them only in metrics.jsonl
-        rows = state.get("rows") or [r for r in read_rows(run_dir) if r["epoch"] <= state["epoch"]]
-        if ctx.is_main:  # the records of exactly the committed epochs (a kill may have cut them short)
-            write_rows(run_dir, rows)
-            plot(run_dir, rows)
-        progress.log(f"dfx: resuming {run_dir} from epoch {state['epoch']} (checkpoint verified)")
+        restore(run, state)
+        progress.log(f"dfx: resuming {run.run_dir} from epoch {state['epoch']} (checkpoint verified)")
     if ctx.is_main:
-        write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
-        if hasattr(task, "output_dir"):  # tasks that write evaluation files (predictions, plots)
-            task.output_dir = run_dir
-        progress.log(f"dfx: run directory {run_dir}")
-    board = writer_class(log_dir=str(run_dir / "tensorboard")) if writer_class is not None else None
+        write_text_atomic(run.run_dir / "recipe.yaml", recipe.to_yaml())
+        if hasattr(run.task, "output_dir"):  # tasks that write evaluation files (predictions, plots)
+            run.task.output_dir = run.run_dir
+        progress.log(f"dfx: run directory {run.run_dir}")
+    run.board = writer_class(log_dir=str(run.run_dir / "tensorboard")) if writer_class is not None else None
 
-    last_metrics: dict = next(({k[4:]: v for k, v in r.items() if k.startswith("val/")} for r in reversed(rows)
-                               if any(k.startswith("val/") for k in r)), {})
-    if start_epoch > t.epochs:
-        progress.log(f"dfx: {run_dir} already trained for {t.epochs} epochs; pass train.epochs=N to train longer")
-    eval_model = ema.module if ema is not None else model
-    for epoch in range(start_epoch, t.epochs + 1):
-        loader.sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        net.train()
-        progress.start(epoch, t.epochs, len(loader))
-        loss_sum, t_epoch = 0.0, time.perf_counter()
-        for step, batch in enumerate(loader, 1):
-            batch = to_device(batch, ctx.device)
-            with autocast(dtype, ctx.device):
-                loss, logs = task.loss(net, batch)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise RunError(f"training loss became {value} at epoch {epoch} step {step}; lower train.lr, "
-                               "set train.grad_clip, or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if t.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            global_step += 1
-            scheduler.step_update(num_updates=global_step)
-            if ema is not None:
-                ema.update(model, step=global_step)
-            loss_sum += value
-            values = {"loss": value, "lr": optimizer.param_groups[0]["lr"], **logs}
-            progress.step(step, values)
-            if board is not None and (global_step % t.log_every == 0 or step == len(loader)):
-                log_scalars(board, {f"step/{k}": v for k, v in values.items()}, global_step)
-        progress.end()
 
-        row = {"epoch": epoch, **{f"train/{k}": v for k, v in
-                                  D.all_reduce_mean({"loss": loss_sum / len(loader)}, ctx).items()},
-               "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - t_epoch}
-        improved = False
-        if epoch % recipe.eval.every == 0 or epoch == t.epochs:
-            last_metrics = evaluate(task, eval_model, val_loader, ctx, dtype, progress=progress.enabled)
-            row.update({f"val/{k}": v for k, v in last_metrics.items()})
-            value = last_metrics.get(recipe.eval.metric)
-            if value is None:
-                raise UsageError(f"eval.metric {recipe.eval.metric!r} is not a metric of this task; "
-                                 f"available: {', '.join(last_metrics)}")
-            sign = 1 if recipe.eval.mode == "max" else -1
-            if best is None or sign * value > sign * best["value"]:
-                best, improved = {"epoch": epoch, "value": value, "metrics": last_metrics}, True
-            progress.log(f"epoch {epoch}/{t.epochs} " + " ".join(f"{k} {v:.4g}" for k, v in row.items()
-                                                                if k != "epoch"))
-        rows.append(row)
-        if ctx.is_main:
-            meta = checkpoint_metadata(recipe, task, epoch, last_metrics)
-            weights = {"last": (model.state_dict(), meta)}
-            if improved:
-                weights["best"] = (eval_model.state_dict(), meta)
-            state = {"epoch": epoch, "global_step": global_step, "best": best, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": ckpt.rng_state(),
-                     "rows": rows, "files": files}
-            if ema is not None:
-                state["ema"] = ema.module.state_dict()
-            files = ckpt.commit_epoch(run_dir / "checkpoints", weights, state)
-            write_rows(run_dir, rows)  # after the commit: a resume rewrites them from the state
-            plot(run_dir, rows)
-            log_scalars(board, {k: v for k, v in row.items() if k != "epoch"}, epoch)
-            if board is not None:
-                board.flush()
+def _values(loss_window: torch.Tensor, steps: int, logs: dict, lr: float, where: str) -> dict:
+    """The numbers shown at a log point: the mean loss over the ``steps`` since the last one (one
+    read from the device) and the last step's logs. A non-finite loss anywhere in the window
+    stops the run here."""
+    loss = loss_window.item() / steps
+    if not math.isfinite(loss):
+        raise RunError(f"training loss became {loss} {where}; lower train.lr, set train.grad_clip, or check the data")
+    return {"loss": loss, "lr": lr, **{k: float(v) for k, v in logs.items()}}
+
+
+def train_epoch(run: Run, epoch: int, progress: EpochProgress) -> dict:
+    """One pass over the training data; returns the epoch's row (``train/loss``, ``lr``, time).
+
+    The loss is summed on the device and read only every ``train.log_every`` steps and at the end
+    of the epoch, so a step never waits for the GPU; the non-finite check happens at those reads.
+    """
+    t, ctx = run.recipe.train, run.ctx
+    run.loader.sampler.set_epoch(epoch)
+    run.train_set.set_epoch(epoch)
+    run.net.train()
+    steps = len(run.loader)
+    progress.start(epoch, t.epochs, steps)
+    # float64 on the device: the same sums as adding the steps' losses as Python floats
+    epoch_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    window, window_start, t_epoch = torch.zeros_like(epoch_sum), 1, time.perf_counter()
+    for step, batch in enumerate(run.loader, 1):
+        batch = to_device(batch, ctx.device)
+        with autocast(run.dtype, ctx.device):
+            loss, logs = run.task.loss(run.net, batch)
+        epoch_sum += loss.detach()
+        window += loss.detach()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if t.grad_clip:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.global_step += 1
+        run.scheduler.step_update(num_updates=run.global_step)
+        if run.ema is not None:
+            run.ema.update(run.model, step=run.global_step)
+        if step % t.log_every and step != steps:
+            progress.step(step)
+            continue
+        where = f"at epoch {epoch} step {step}" if step == window_start else \
+            f"at epoch {epoch} in steps {window_start}-{step}"
+        values = _values(window, step - window_start + 1, logs, run.optimizer.param_groups[0]["lr"], where)
+        progress.step(step, values)
+        if run.board is not None:
+            log_scalars(run.board, {f"step/{k}": v for k, v in values.items()}, run.global_step)
+        window.zero_()
+        window_start = step + 1
+    progress.end()
+    mean = D.all_reduce_mean({"loss": epoch_sum.item() / steps}, ctx)
+    return {"epoch": epoch, **{f"train/{k}": v for k, v in mean.items()}, "lr": run.optimizer.param_groups[0]["lr"],
+            "epoch_time_s": time.perf_counter() - t_epoch}
+
+
+def validate(run: Run, epoch: int, row: dict, progress: EpochProgress) -> bool:
+    """Evaluate when ``eval.every`` (or the last epoch) says so, add the metrics to ``row`` and
+    keep the best; returns whether this epoch is the new best."""
+    recipe = run.recipe
+    if epoch % recipe.eval.every and epoch != recipe.train.epochs:
+        return False
+    run.metrics = evaluate(run.task, run.eval_model, run.val_loader, run.ctx, run.dtype, progress=progress.enabled)
+    row.update({f"val/{k}": v for k, v in run.metrics.items()})
+    value = run.metrics.get(recipe.eval.metric)
+    if value is None:
+        raise UsageError(f"eval.metric {recipe.eval.metric!r} is not a metric of this task; "
+                         f"available: {', '.join(run.metrics)}")
+    sign = 1 if recipe.eval.mode == "max" else -1
+    improved = run.best is None or sign * value > sign * run.best["value"]
+    if improved:
+        run.best = {"epoch": epoch, "value": value, "metrics": run.metrics}
+    progress.log(f"epoch {epoch}/{recipe.train.epochs} " + " ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                                  if k != "epoch"))
+    return improved
+
+
+def save(run: Run, row: dict, improved: bool) -> None:
+    """Record the epoch and commit its checkpoint as a unit (rank 0): last (and best) weights, the
+    training state, then metrics.jsonl / results.csv / plots and tensorboard."""
+    run.rows.append(row)
+    run.epoch = row["epoch"]
+    if not run.ctx.is_main:
+        return
+    meta = checkpoint_metadata(run.recipe, run.task, run.epoch, run.metrics)
+    weights = {"last": (run.model.state_dict(), meta)}
+    if improved:
+        weights["best"] = (run.eval_model.state_dict(), meta)
+    state = {"epoch": run.epoch, "global_step": run.global_step, "best": run.best,
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "scaler": run.scaler.state_dict(), "rng": ckpt.rng_state(), "rows": run.rows, "files": run.files}
+    if run.ema is not None:
+        state["ema"] = run.ema.module.state_dict()
+    run.files = ckpt.commit_epoch(run.run_dir / "checkpoints", weights, state)
+    write_rows(run.run_dir, run.rows)  # after the commit: a resume rewrites them from the state
+    plot(run.run_dir, run.rows)
+    log_scalars(run.board, {k: v for k, v in row.items() if k != "epoch"}, run.epoch)
+    if run.board is not None:
+        run.board.flush()
+
+
+def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet, lock) -> dict:
+    t, started = recipe.train, time.perf_counter()
+    progress = EpochProgress(enabled=ctx.is_main and not quiet)
+    writer_class = tensorboard_writer_class() if t.tensorboard and ctx.is_main else None  # fail before any work
+    run = build(recipe, ctx, progress)
+    open_run(run, out=out, resume_dir=resume_dir, lock=lock, progress=progress, writer_class=writer_class)
+    if run.epoch >= t.epochs and ctx.is_main:
+        logger.warning(f"dfx: {run.run_dir} already trained for {t.epochs} epochs; pass train.epochs=N to train longer")
+    for epoch in range(run.epoch + 1, t.epochs + 1):
+        row = train_epoch(run, epoch, progress)
+        improved = validate(run, epoch, row, progress)
+        save(run, row, improved)
         for callback in callbacks:
-            callback(epoch=epoch, row=row, run_dir=run_dir)
-    if board is not None:
-        board.close()
-
+            callback(epoch=epoch, row=row, run_dir=run.run_dir)
+    if run.board is not None:
+        run.board.close()
     return {
-        "run_dir": str(run_dir),
-        "metrics": last_metrics,
-        "best": {"epoch": best["epoch"], **best["metrics"]} if best else {},
+        "run_dir": str(run.run_dir),
+        "metrics": run.metrics,
+        "best": {"epoch": run.best["epoch"], **run.best["metrics"]} if run.best else {},
         "epochs": t.epochs,
         "elapsed_s": round(time.perf_counter() - started, 2),
     }

@@ -13,7 +13,7 @@ annotation file; the predictions are written in COCO results format beside the r
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Union
@@ -34,6 +34,8 @@ from dfx.recipe import EvalConfig as BaseEvalConfig
 from dfx.recipe import TrainConfig as BaseTrainConfig
 from dfx.recipe import WeightsConfig
 from dfx.tasks.classification import agreed_classes, data_root
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -196,7 +198,7 @@ class Task:
         for reason, count in source.skipped.items():
             dataset.skipped[reason] = dataset.skipped.get(reason, 0) + count
         if any(dataset.skipped.values()):
-            print(f"dfx: {dataset.skip_summary()}", file=sys.stderr, flush=True)
+            logger.info(f"dfx: {dataset.skip_summary()}")
         self.classes = agreed_classes(self.classes, dataset.classes, data.root, "; set data.category_ids")
         self._datasets[split] = dataset
         return dataset
@@ -302,8 +304,7 @@ class Evaluator:
         missing = without_ground_truth(cocoeval)
         if missing and not self.task._noted_missing and _is_main():
             self.task._noted_missing = True
-            print(f"dfx: no validation ground truth for {', '.join(missing)}: no per-class AP for them",
-                  file=sys.stderr, flush=True)
+            logger.info(f"dfx: no validation ground truth for {', '.join(missing)}: no per-class AP for them")
         if self.task.output_dir is not None and _is_main():
             self.task.outputs = self._write(results, cocoeval)
         return metrics
