@@ -42,6 +42,7 @@ def test_train_writes_a_complete_run_directory(tiny_recipe):
     assert Path(train(tiny_recipe, ["train.epochs=1"], quiet=True)["run_dir"]).name == "tiny-2"
 
 
+@pytest.mark.slow  # three trainings
 def test_same_seed_same_weights_and_resume_is_bitwise(tiny_recipe, tmp_path):
     full = train(tiny_recipe, ["train.epochs=3"], out=tmp_path / "full", quiet=True)
 
