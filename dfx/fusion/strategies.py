@@ -80,7 +80,7 @@ class TokenExchange(nn.Module):
             nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1)) for _ in range(2)
         )
         self.sparsity: torch.Tensor | None = None
-        self.exchanged: float = 0.0  # share of tokens replaced in the last forward (both modalities)
+        self.exchanged: torch.Tensor | float = 0.0  # share of tokens replaced in the last forward (both modalities)
 
     def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s0 = torch.sigmoid(self.score[0](x0))
@@ -89,7 +89,7 @@ class TokenExchange(nn.Module):
         y0 = torch.where(swap0, x1, x0 * s0)
         y1 = torch.where(swap1, x0, x1 * s1)
         self.sparsity = 0.5 * (s0.mean() + s1.mean())
-        self.exchanged = float(0.5 * (swap0.float().mean() + swap1.float().mean()))
+        self.exchanged = (0.5 * (swap0.float().mean() + swap1.float().mean())).detach()  # no host read in the step
         return y0, y1
 
 

@@ -350,7 +350,7 @@ class Task(classification.Task):
         total, parts = distillation_loss(student_logits, teacher_logits, target, student_feats, teacher_feats,
                                          alpha=d.alpha, beta=d.beta, w_sample=d.w_sample, w_patch=d.w_patch,
                                          w_rand=d.w_rand, k=d.k, tau=d.tau, kd=d.kd)
-        return total, {name: float(value) for name, value in parts.items()}
+        return total, {name: value.detach() for name, value in parts.items()}  # read at log points only
 
 
 # ----------------------------------------------------------------------------------------------
