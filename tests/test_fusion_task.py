@@ -131,13 +131,12 @@ def test_fuse_trains_and_reports_per_stream_miou(fusion_recipe):
 def test_compare_tabulates_every_strategy(fusion_recipe, tmp_path):
     from dfx.compare import markdown
 
-    result = dfx("fuse", fusion_recipe, "--compare", "none,exchange,gemini", "--out", tmp_path / "cmp", "--json")
+    result = dfx("fuse", fusion_recipe, "--compare", "none,gemini", "--out", tmp_path / "cmp", "--json")
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     rows = {row["variant"]: row for row in payload["rows"]}
-    assert list(rows) == ["none", "exchange", "gemini"]
-    assert [r["overrides"] for r in payload["rows"]] == [["model.fusion=none"], ["model.fusion=exchange"],
-                                                         ["model.fusion=gemini"]]
+    assert list(rows) == ["none", "gemini"]
+    assert [r["overrides"] for r in payload["rows"]] == [["model.fusion=none"], ["model.fusion=gemini"]]
     assert payload["seeds"] == [0] and payload["metric"] == "mIoU"
     assert "mIoU/rgb" not in rows["none"]["metrics_mean"] and "mIoU/depth" in rows["gemini"]["metrics_mean"]
     assert rows["gemini"]["params_m"] > rows["none"]["params_m"]
@@ -146,7 +145,7 @@ def test_compare_tabulates_every_strategy(fusion_recipe, tmp_path):
         assert (tmp_path / "cmp" / name).is_file()
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert table == markdown(payload) and "| mIoU/rgb | mIoU/depth |" in table
-    run = Path(payload["runs"][2]["run_dir"])
+    run = Path(payload["runs"][1]["run_dir"])
     assert (run / "checkpoints" / "best.safetensors").is_file() and "fusion: gemini" in (run / "recipe.yaml").read_text()
 
 
