@@ -36,6 +36,8 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from dfx.errors import UsageError
 
+logger = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm", ".tif", ".tiff", ".webp", ".gif")
 DEFAULT_CONF = {"detection": 0.25}  # other tasks: 0 (every pixel labelled, top-5 classes listed)
 

@@ -168,6 +168,10 @@ def _check_inputs(value, spatial_shapes, sampling_locations, attention_weights) 
 
 
 def _is_int(x) -> bool:
+    """A Python int, or a 0-d integer tensor: what ``tensor.shape`` gives while a model is traced
+    (ONNX export), where the sizes are fixed for the exported graph anyway."""
+    if isinstance(x, Tensor):
+        return x.dim() == 0 and not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -184,7 +188,7 @@ def _level_sizes(spatial_shapes) -> list[tuple[int, int]]:
     if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(map(_is_int, p)) for p in pairs):
         got = repr(pairs) if pairs is not None else _describe(spatial_shapes)
         raise ValueError(f"spatial_shapes must be an integer tensor [L, 2] or (H, W) int pairs (L >= 1), got {got}")
-    return [(h, w) for h, w in pairs]
+    return [(int(h), int(w)) for h, w in pairs]
 
 
 def _describe(obj) -> str:
