@@ -6,13 +6,12 @@ A tiny segmentation run (64x64 images, an 8x8 token grid, 2 blocks) is trained o
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import run_dfx
 from dfx.cli import app
 from dfx.cluster.analysis import feature_fidelity
 from dfx.cluster_report import cluster_report, wrap_model
@@ -180,10 +179,8 @@ def test_a_model_that_is_not_a_vit_is_refused(tiny_root):
     assert "model must be a timm VisionTransformer" in payload["error"] and "got ResNet" in payload["error"]
 
 
-@pytest.mark.slow
-def test_exit_code_through_the_console_script():
-    """The --json / exit-code contract on a real process, as shell scripts see it."""
-    result = subprocess.run([sys.executable, "-m", "dfx", "cluster", "--model", "vit_tiny_patch16_224",
-                             "--cluster-ratio", "2", "--json"], capture_output=True, text=True, timeout=120)
+def test_exit_code_through_the_entry_point():
+    """The --json / exit-code contract through ``dfx.cli.main`` (tests/test_cli.py checks it on real processes)."""
+    result = run_dfx("cluster", "--model", "vit_tiny_patch16_224", "--cluster-ratio", "2", "--json")
     assert result.returncode == 2
     assert "got 2.0" in json.loads(result.stdout)["error"] and "Traceback" not in result.stderr

@@ -4,8 +4,6 @@ reference computation (tests/gemini_reference.py), round trip, and the errors th
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -231,9 +229,8 @@ def test_dfx_eval_reports_each_stream_and_the_ensemble_of_a_release(tmp_path):
     file = tmp_path / "mit-b3.pth.tar"
     torch.save(nyudv2_release(official), file)
     root = write_nyu_root(tmp_path / "nyudv2")
-    command = [sys.executable, "-m", "dfx", "eval", str(NYU), f"model.weights={file}", f"data.root={root}",
-               "data.image_size=[64,96]", "train.num_workers=0", *TINY, "--json", "--device", "cpu"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    result = run_dfx("eval", NYU, f"model.weights={file}", f"data.root={root}", "data.image_size=[64,96]",
+                     "train.num_workers=0", *TINY, "--json", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)["metrics"]
     # the same numbers from the reference computation on the same inputs (RGB normalised, depth / 255)

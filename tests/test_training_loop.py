@@ -88,6 +88,7 @@ def test_a_non_finite_loss_names_the_steps_and_commits_nothing(tiny_recipe, monk
     assert not (Path("runs/classification/tiny/checkpoints") / "last.safetensors").exists()
 
 
+@pytest.mark.slow  # two trainings
 def test_compiled_training_matches_eager_and_saves_plain_keys(tiny_recipe, step_losses, monkeypatch):
     """``train.compile: true`` trains through ``torch.compile``. Dynamo captures the graphs and AOTAutograd
     builds forward and backward as with the default backend; the backend here is ``aot_eager`` instead
