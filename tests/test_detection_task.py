@@ -149,6 +149,7 @@ def test_bad_loss_value_exits_2_on_the_command_line():
     assert result.exit_code == 2 and "loss.cost_class must be >= 0" in result.output
 
 
+@pytest.mark.slow  # end-to-end training
 def test_invalid_boxes_fail_early_or_are_skipped_and_counted(det_root, tmp_path):
     import shutil
 

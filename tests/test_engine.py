@@ -20,6 +20,7 @@ def weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(Path(run_dir) / "checkpoints" / "last.safetensors"))
 
 
+@pytest.mark.slow  # end-to-end training
 def test_train_writes_a_complete_run_directory(tiny_recipe):
     result = train(tiny_recipe, quiet=True)
     run = Path(result["run_dir"])
@@ -67,6 +68,7 @@ def test_same_seed_same_weights_and_resume_is_bitwise(tiny_recipe, tmp_path):
     assert resumed["metrics"] == full["metrics"]
 
 
+@pytest.mark.slow  # end-to-end training
 def test_resume_latest_finds_the_newest_run_and_can_extend_epochs(tiny_recipe):
     train(tiny_recipe, ["train.epochs=1"], quiet=True)
     result = train(tiny_recipe, ["train.epochs=2"], resume="latest", quiet=True)
@@ -88,6 +90,7 @@ def test_out_dir_that_is_not_empty_is_refused_and_untouched(tiny_recipe, tmp_pat
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.slow  # end-to-end training
 def test_eval_reproduces_the_training_metrics(tiny_recipe):
     result = train(tiny_recipe, quiet=True)
     evaluated = evaluate_checkpoint(result["run_dir"], device="cpu")
@@ -156,6 +159,7 @@ def test_bare_resume_takes_the_newest_run_even_without_a_checkpoint(tiny_recipe)
     assert (first / "checkpoints" / "last.safetensors").read_bytes() == before  # the older run is untouched
 
 
+@pytest.mark.slow  # end-to-end training
 def test_a_run_directory_in_use_is_refused_and_a_dead_holders_lock_taken_over(tiny_recipe, tmp_path):
     from dfx.engine.rundir import RunLock
 
@@ -187,6 +191,7 @@ def test_bit_flips_in_checkpoints_are_errors_naming_the_file(tiny_recipe, tmp_pa
         train(tiny_recipe, resume=run, quiet=True)
 
 
+@pytest.mark.slow  # end-to-end training
 def test_weights_from_another_epoch_are_refused_not_mixed(tiny_recipe, tmp_path):
     run = Path(train(tiny_recipe, ["train.epochs=1"], out=tmp_path / "run", quiet=True)["run_dir"])
     other = Path(train(tiny_recipe, ["train.epochs=2"], out=tmp_path / "other", quiet=True)["run_dir"])
