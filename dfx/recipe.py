@@ -206,6 +206,16 @@ def shipped_names() -> list[str]:
     return sorted(p.stem for p in shipped_folder().glob("*.y*ml") if p.suffix in RECIPE_SUFFIXES)
 
 
+def _stem(name: str | Path) -> str:
+    path = Path(name)
+    return path.stem if path.suffix in RECIPE_SUFFIXES else path.name
+
+
+def _close_shipped(name: str | Path) -> str:
+    """`` (did you mean a, b or c?)``: the shipped names closest to ``name``, or nothing."""
+    return _suggest(_stem(name), shipped_names(), n=3)
+
+
 def find_shipped(name: str | Path) -> Path | None:
     """The shipped recipe that ``name`` names (``hdetr-shapes``, ``hdetr-shapes.yaml`` or
     ``recipes/hdetr-shapes.yaml``), or None. A path into any other folder names no shipped recipe."""
@@ -216,19 +226,6 @@ def find_shipped(name: str | Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def _stem(name: str | Path) -> str:
-    path = Path(name)
-    return path.stem if path.suffix in RECIPE_SUFFIXES else path.name
-
-
-def _close_shipped(name: str | Path) -> str:
-    """`` (did you mean a or b?)`` with the shipped names closest to ``name``, or nothing."""
-    close = difflib.get_close_matches(_stem(name), shipped_names(), n=3, cutoff=0.6)
-    if not close:
-        return ""
-    return f" (did you mean {close[0] if len(close) == 1 else ', '.join(close[:-1]) + ' or ' + close[-1]}?)"
 
 
 def resolve_recipe(name: str | Path) -> Path:
@@ -264,11 +261,14 @@ def copy_recipe(name: str, folder: str | Path = ".", force: bool = False) -> dic
     if source is None:
         raise UsageError(f"recipes --copy: no shipped recipe is named {_stem(name)}{_close_shipped(name)}; "
                          "`dfx recipes` lists them")
-    target = Path(folder).expanduser() / source.name
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"recipes --copy: {folder} is a file; pass the folder to write {source.name} into")
+    target = folder / source.name
     if target.exists() and not force:
         raise UsageError(f"recipes --copy: {target} already exists; pass --force to overwrite it, or another folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(source.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(source.read_bytes())
     return {"copied": str(target), "recipe": source.stem}
 
 
@@ -366,9 +366,12 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
 # Validation against typed dataclasses
 
 
-def _suggest(name: str, candidates) -> str:
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]}?)" if match else ""
+def _suggest(name: str, candidates, n: int = 1) -> str:
+    """`` (did you mean a?)``, or with ``n`` > 1 `` (did you mean a, b or c?)``; nothing if none is close."""
+    match = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
+    if not match:
+        return ""
+    return f" (did you mean {match[0] if len(match) == 1 else ', '.join(match[:-1]) + ' or ' + match[-1]}?)"
 
 
 def _type_name(tp) -> str:

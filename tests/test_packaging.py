@@ -150,6 +150,8 @@ def test_recipes_copy_writes_one_out_and_keeps_existing_files():
     assert result.returncode == 0 and "wrote mine/deformable-detr-shapes.yaml" in result.stdout
     assert copied.read_bytes() == (RECIPES / "deformable-detr-shapes.yaml").read_bytes()
 
+    result = dfx("recipes", "--copy", "cls-shapes", str(copied))
+    assert result.returncode == 2 and f"{copied} is a file; pass the folder" in result.stderr
     result = dfx("recipes", "--copy", "cls-shape")  # into the current folder by default
     assert result.returncode == 2 and "no shipped recipe is named cls-shape (did you mean cls-shapes" in result.stderr
     assert dfx("recipes", "--copy", "cls-shapes").returncode == 0 and Path("cls-shapes.yaml").is_file()
