@@ -236,7 +236,7 @@ def parse_seeds(text: str) -> list[int]:
 
 @app.command()
 def train(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file, e.g. recipes/cls-shapes.yaml."),
+    recipe: Path = typer.Argument(..., help="Recipe YAML file or shipped recipe name (dfx recipes), e.g. cls-shapes."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides: section.key=value ..."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<task>/<recipe>[-N])."),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="[RUN]",
@@ -569,7 +569,7 @@ def _fetch_hub_teacher(recipe: Path, overrides: list[str], teacher: Optional[str
 
 @app.command()
 def distill(
-    recipe: Optional[Path] = typer.Argument(None, help="Distillation recipe (default recipes/distill-shapes.yaml)."),
+    recipe: Optional[Path] = typer.Argument(None, help="Distillation recipe (default the shipped distill-shapes)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides: section.key=value ..."),
     teacher: Optional[str] = typer.Option(None, "--teacher", metavar="NAME|PATH|RUN_DIR",
                                           help="Teacher: alias (deit-b, cait-s24), timm name, hf://org/repo, "
@@ -614,7 +614,7 @@ def distill(
 
 @app.command()
 def fuse(
-    recipe: Path = typer.Argument(..., help="Fusion recipe, e.g. recipes/gemini-shapes.yaml."),
+    recipe: Path = typer.Argument(..., help="Fusion recipe file or shipped recipe name, e.g. gemini-shapes."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides: section.key=value ..."),
     fusion: Optional[str] = typer.Option(None, "--fusion", metavar="[gemini|cross-attn|exchange|concat|none]",
                                          autocompletion=_complete_fusion, help="The fusion strategy (sets model.fusion)."),
@@ -684,7 +684,7 @@ def compare(
 
     Repeating the same command resumes an interrupted comparison; finished runs are not trained again.
     """
-    specs = [v for v in variants if not ("=" in v and ".yaml" not in v and ".yml" not in v)]
+    specs = [v for v in variants if not _is_override(v)]
     common = [v for v in variants if v not in specs]
 
     def work() -> dict:
@@ -694,6 +694,12 @@ def compare(
                            device=device, log=logger.info)
 
     run(work, json_out=json_out, debug=debug, quiet=quiet, show=_show_compare)
+
+
+def _is_override(arg: str) -> bool:
+    """``key=value`` (applies to every variant), not ``RECIPE[:key=value…]``."""
+    key, sep, _ = arg.partition("=")
+    return bool(sep) and ":" not in key and not key.endswith((".yaml", ".yml"))
 
 
 def _show_compare(result: dict) -> None:
@@ -818,31 +824,46 @@ def export(
 
 @app.command()
 def recipes(
-    folder: Optional[Path] = typer.Argument(None, help="Where the recipes are (default ./recipes, else the ones "
-                                                        "beside the dfx source)."),
+    folder: Optional[Path] = typer.Argument(None, metavar="[DIR]",
+                                            help="List the recipes in DIR instead of the shipped ones; with --copy, "
+                                                 "the folder to write into (default .)."),
+    copy: Optional[str] = typer.Option(None, "--copy", metavar="NAME",
+                                       help="Write shipped recipe NAME into DIR as a starting point for your own."),
+    force: bool = typer.Option(False, "--force", help="With --copy: overwrite an existing file."),
     json_out: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """List the recipes with their task and the first line of their header comment.
+    """List the shipped recipes (any command takes them by name) with their task and the first line
+    of their header comment, or copy one out.
 
     Examples:
 
       dfx recipes
 
+      dfx recipes --copy hdetr-shapes my-recipes/
+
       dfx recipes my-recipes/ --json
     """
 
     def work() -> dict:
-        from dfx.recipe import list_recipes
+        from dfx.recipe import copy_recipe, list_recipes
 
+        if copy is not None:
+            return copy_recipe(copy, folder or Path("."), force=force)
+        if force:
+            raise UsageError("--force goes with --copy NAME")
         return {"recipes": list_recipes(folder)}
 
     def show(result: dict) -> None:
+        if "copied" in result:
+            out.print(Text(f"wrote {result['copied']} (shipped recipe {result['recipe']}); edit it, then "
+                           f"`dfx train {result['copied']}`"))
+            return
         table = Table(show_header=True, box=None)
         for column in ("recipe", "task", "what"):
             table.add_column(column, overflow="fold")
         for item in result["recipes"]:
-            table.add_row(Text(item["path"]), item["task"] or "-", Text(item["summary"]))
+            table.add_row(Text(item["path"] if folder else item["name"]), item["task"] or "-", Text(item["summary"]))
         out.print(table)
 
     run(work, json_out=json_out, debug=debug, show=show)

@@ -43,12 +43,16 @@ class Variant:
 
 
 def parse_variant(spec: str) -> Variant:
-    """``recipes/a.yaml`` or ``recipes/a.yaml:key=value[:key=value…]``; named after the recipe stem
-    and the override values (``hdetr-shapes:one2many_k=3``)."""
+    """``recipes/a.yaml`` or ``recipes/a.yaml:key=value[:key=value…]`` (or a shipped recipe's name,
+    ``a:key=value``); named after the recipe stem and the override values (``hdetr-shapes:one2many_k=3``)."""
     path, _, rest = spec.partition(".yaml")
     if not _:
         path, _, rest = spec.partition(".yml")
-    recipe = path + _ if _ else spec
+    if _:
+        recipe = path + _
+    else:  # a shipped recipe's name: no suffix, the overrides after the first colon
+        recipe, colon, rest = spec.partition(":")
+        rest = colon + rest
     if rest and not rest.startswith(":"):
         raise UsageError(f"variant {spec!r}: expected RECIPE.yaml or RECIPE.yaml:key=value[:key=value…]")
     overrides = [o for o in rest[1:].split(":") if o] if rest else []
@@ -62,7 +66,7 @@ def parse_variant(spec: str) -> Variant:
 def read_variants(specs: Iterable[str | Variant]) -> list[Variant]:
     """Variants from specs (or :class:`Variant` objects, taken as they are); a YAML file holding a
     list of ``{name, recipe, overrides}`` (or a mapping with such a ``variants`` list) names several
-    at once, its recipes relative to it."""
+    at once, its recipes relative to it (else shipped recipes by name)."""
     variants: list[Variant] = []
     for spec in specs:
         if isinstance(spec, Variant):
@@ -77,7 +81,8 @@ def read_variants(specs: Iterable[str | Variant]) -> list[Variant]:
             if not isinstance(entry, dict) or "recipe" not in entry:
                 raise UsageError(f"{path}: variant {i + 1} must be a mapping with 'recipe' (and 'name', 'overrides')")
             recipe = Path(entry["recipe"])
-            recipe = recipe if recipe.is_absolute() or recipe.exists() else path.parent / recipe
+            beside = path.parent / recipe
+            recipe = beside if not recipe.is_absolute() and not recipe.exists() and beside.exists() else recipe
             overrides = entry.get("overrides") or []
             if not isinstance(overrides, list):
                 raise UsageError(f"{path}: variant {i + 1}: overrides must be a list of key=value strings")

@@ -18,11 +18,13 @@ from dfx.errors import UsageError
 
 
 def detection_recipe(target: str | Path | None, overrides=()):
-    """The detection recipe to read: a recipe file, or a data root (or YOLO data.yaml) with
+    """The detection recipe to read: a recipe file or shipped recipe name, or a data root (or YOLO data.yaml) with
     detection defaults; ``overrides`` apply either way."""
-    from dfx.recipe import apply_overrides, build_recipe, load_recipe, read_yaml
+    from dfx.recipe import apply_overrides, build_recipe, find_shipped, load_recipe, read_yaml
 
     target = Path(target) if target is not None else None
+    if target is not None and not target.exists() and find_shipped(target) is not None:
+        target = find_shipped(target)  # a shipped recipe by name
     if target is not None and target.suffix in (".yaml", ".yml") and target.is_file() and \
             "names" not in read_yaml(target):  # a YOLO data.yaml has names; a recipe has task and sections
         recipe = load_recipe(target, list(overrides))

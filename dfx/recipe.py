@@ -2,8 +2,12 @@
 
 A recipe has five top-level sections: ``task``, ``model``, ``data``, ``train``, ``eval``.
 
-- ``_base_:`` (a path or a list of paths, relative to the file) names parent recipes; they are
-  deep-merged in order, then the file's own keys on top (mappings merge, everything else replaces).
+- A recipe is named by its path or, for the recipes that ship with dfx (package data, see
+  :func:`shipped_folder`), by name from any folder: ``hdetr-shapes``, ``hdetr-shapes.yaml`` or
+  ``recipes/hdetr-shapes.yaml``. An existing path always wins (:func:`resolve_recipe`).
+- ``_base_:`` (a path or a list of paths, relative to the file, else a shipped recipe's name) names
+  parent recipes; they are deep-merged in order, then the file's own keys on top (mappings merge,
+  everything else replaces).
 - Command-line overrides ``a.b.c=value`` are applied last; ``value`` is parsed as YAML.
 - The merged mapping is validated against the task's typed sections (dataclasses): unknown keys
   fail with a did-you-mean, wrong types name the key and the expected type, every float must be
@@ -20,6 +24,7 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import importlib.resources
 import json
 import math
 import types
@@ -180,6 +185,93 @@ def task_module(task: str):
 # Reading YAML with `_base_` inheritance
 
 
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def shipped_folder() -> Path:
+    """The folder of the recipes that ship with dfx.
+
+    Installed from a wheel they are package data, ``dfx/recipes/*.yaml``, read with
+    ``importlib.resources``; in a source checkout (editable install, ``PYTHONPATH``) they are the
+    repository's ``recipes/``, the one folder the wheel is built from (setup.py maps it).
+    """
+    packaged = importlib.resources.files("dfx").joinpath("recipes")
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[1] / "recipes"
+
+
+def shipped_names() -> list[str]:
+    """The shipped recipes' names (file stems), sorted."""
+    return sorted(p.stem for p in shipped_folder().glob("*.y*ml") if p.suffix in RECIPE_SUFFIXES)
+
+
+def _stem(name: str | Path) -> str:
+    path = Path(name)
+    return path.stem if path.suffix in RECIPE_SUFFIXES else path.name
+
+
+def _close_shipped(name: str | Path) -> str:
+    """`` (did you mean a, b or c?)``: the shipped names closest to ``name``, or nothing."""
+    return _suggest(_stem(name), shipped_names(), n=3)
+
+
+def find_shipped(name: str | Path) -> Path | None:
+    """The shipped recipe that ``name`` names (``hdetr-shapes``, ``hdetr-shapes.yaml`` or
+    ``recipes/hdetr-shapes.yaml``), or None. A path into any other folder names no shipped recipe."""
+    if str(Path(name).parent) not in (".", "recipes"):
+        return None
+    for suffix in RECIPE_SUFFIXES:
+        candidate = shipped_folder() / f"{_stem(name)}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_recipe(name: str | Path) -> Path:
+    """The recipe file that ``name`` names: an existing path first, else a shipped recipe by name.
+
+    Raises UsageError naming the argument and, for a bare name, the closest shipped names.
+    """
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    shipped = find_shipped(path)
+    if shipped is not None:
+        return shipped
+    if str(path.parent) in (".", "recipes"):
+        raise UsageError(f"recipe file not found: {name}, and no shipped recipe is named {_stem(path)}"
+                         f"{_close_shipped(path)}; `dfx recipes` lists them")
+    raise UsageError(f"recipe file not found: {name}")
+
+
+def shipped_display(path: str | Path) -> str:
+    """How to name a recipe file in a command: a shipped recipe by its name (it resolves from any
+    folder), any other file by its path."""
+    path = Path(path)
+    if path.is_file() and path.resolve().parent == shipped_folder().resolve():
+        return path.stem
+    return str(path)
+
+
+def copy_recipe(name: str, folder: str | Path = ".", force: bool = False) -> dict:
+    """Write shipped recipe ``name`` into ``folder`` (created if needed) as a starting point for
+    one's own; ``{"copied": PATH, "recipe": NAME}``. An existing file is kept unless ``force``."""
+    source = find_shipped(name)
+    if source is None:
+        raise UsageError(f"recipes --copy: no shipped recipe is named {_stem(name)}{_close_shipped(name)}; "
+                         "`dfx recipes` lists them")
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"recipes --copy: {folder} is a file; pass the folder to write {source.name} into")
+    target = folder / source.name
+    if target.exists() and not force:
+        raise UsageError(f"recipes --copy: {target} already exists; pass --force to overwrite it, or another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(source.read_bytes())
+    return {"copied": str(target), "recipe": source.stem}
+
+
 def read_yaml(path: Path) -> dict:
     """Read one YAML mapping; errors name the file (and line for syntax errors)."""
     if not path.is_file():
@@ -211,10 +303,9 @@ def deep_merge(base: dict, top: dict) -> dict:
 
 
 def load_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """Read ``path`` and its ``_base_`` parents into one merged mapping."""
-    if not Path(path).is_file():
-        raise UsageError(f"recipe file not found: {path}")
-    path = Path(path).resolve()
+    """Read recipe ``path`` (a path or a shipped recipe's name) and its ``_base_`` parents into one
+    merged mapping."""
+    path = resolve_recipe(path).resolve()
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise UsageError(f"_base_ cycle: {chain}")
@@ -226,8 +317,21 @@ def load_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise UsageError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
     merged: dict = {}
     for base in bases:
-        merged = deep_merge(merged, load_tree(path.parent / base, (*_seen, path)))
+        merged = deep_merge(merged, load_tree(_base_file(path, base), (*_seen, path)))
     return deep_merge(merged, data)
+
+
+def _base_file(child: Path, base: str) -> Path:
+    """A ``_base_`` entry of ``child``: the file beside it, else the shipped recipe of that name (a
+    user's own recipe in any folder can build on ``_base_: hdetr.yaml``)."""
+    beside = child.parent / Path(base).expanduser()
+    if beside.is_file():
+        return beside
+    shipped = find_shipped(base)
+    if shipped is not None:
+        return shipped
+    raise UsageError(f"{child}: _base_ {base}: no file {beside}, and no shipped recipe is named {_stem(base)}"
+                     f"{_close_shipped(base)}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -262,9 +366,12 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
 # Validation against typed dataclasses
 
 
-def _suggest(name: str, candidates) -> str:
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]}?)" if match else ""
+def _suggest(name: str, candidates, n: int = 1) -> str:
+    """`` (did you mean a?)``, or with ``n`` > 1 `` (did you mean a, b or c?)``; nothing if none is close."""
+    match = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
+    if not match:
+        return ""
+    return f" (did you mean {match[0] if len(match) == 1 else ', '.join(match[:-1]) + ' or ' + match[-1]}?)"
 
 
 def _type_name(tp) -> str:
@@ -423,8 +530,8 @@ def build_recipe(tree: dict, name: str = "recipe", source: str | None = None) ->
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe file (with ``_base_`` parents), apply overrides and validate it."""
-    path = Path(path)
+    """Read a recipe file or shipped recipe (with ``_base_`` parents), apply overrides and validate it."""
+    path = resolve_recipe(path)
     tree = apply_overrides(load_tree(path), list(overrides))
     return build_recipe(tree, name=path.stem, source=str(path))
 
@@ -435,21 +542,18 @@ def recipe_from_json(text: str, name: str, overrides: list[str] | tuple[str, ...
 
 
 def list_recipes(folder: str | Path | None = None) -> list[dict]:
-    """``[{"path", "task", "summary"}]`` for every recipe in ``folder`` (default ``./recipes``, else the
-    recipes beside the dfx source); summary: the first line of the file's header comment."""
-    if folder is None:
-        here = Path("recipes")
-        folder = here if here.is_dir() else Path(__file__).resolve().parents[1] / "recipes"
-    folder = Path(folder)
+    """``[{"name", "path", "task", "summary"}]`` for every recipe in ``folder`` (default: the shipped
+    recipes); summary: the first line of the file's header comment."""
+    folder = shipped_folder() if folder is None else Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder}: no such folder of recipes; pass the folder that holds your .yaml recipes")
     found = []
-    for path in sorted(folder.glob("*.y*ml")):
+    for path in sorted(p for p in folder.glob("*.y*ml") if p.suffix in RECIPE_SUFFIXES):
         lines = path.read_text().splitlines()
         comment = next((line.lstrip("# ").strip() for line in lines if line.startswith("#") and line.strip("# ")), "")
         try:
             task = load_tree(path).get("task")  # through _base_ parents
         except UsageError:
             task = None
-        found.append({"path": str(path), "task": task, "summary": comment})
+        found.append({"name": path.stem, "path": str(path), "task": task, "summary": comment})
     return found

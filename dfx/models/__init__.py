@@ -1,6 +1,6 @@
 """Models from Python: ``dfx.create_model(recipe, overrides=(), weights=None)``.
 
-The model of any task, built from a recipe file, a run directory or a dfx checkpoint without
+The model of any task, built from a recipe (file or shipped name), a run directory or a dfx checkpoint without
 reading the dataset (the classes come from the checkpoint, ``data.classes`` or
 ``model.num_classes``), with ``model.weights`` loaded, in eval mode. :func:`build_any` also takes
 timm model names (what ``dfx bench`` and ``dfx cluster`` measure). Model classes that belong to
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dfx.errors import UsageError
-from dfx.recipe import Recipe, apply_overrides, build_recipe, load_recipe, task_module
+from dfx.recipe import RECIPE_SUFFIXES, Recipe, apply_overrides, build_recipe, find_shipped, load_recipe, task_module
 
 
 def read_source(source: str | os.PathLike, overrides: Iterable[str] = (),
@@ -33,9 +33,7 @@ def read_source(source: str | os.PathLike, overrides: Iterable[str] = (),
 
     path = Path(source).expanduser()
     extra = [f"model.weights={weights}"] if weights is not None else []
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise UsageError(f"recipe not found: {path}")
+    if path.suffix in RECIPE_SUFFIXES or (not path.exists() and find_shipped(path) is not None):
         return load_recipe(path, [*overrides, *extra]), {}
     file = find_checkpoint(path)
     meta = read_metadata(file)
@@ -81,10 +79,10 @@ def create_model(recipe: str | os.PathLike, overrides: Iterable[str] = (),
 
 def build_any(spec: str, device: torch.device, image_size: int | None = None) -> tuple[nn.Module, str, int | None]:
     """(model in eval mode, description, native image size) from a run directory, checkpoint, recipe
-    file (its weights when ``model.weights`` is set, else its initialisation) or timm model name
+    (file or shipped name; its weights when ``model.weights`` is set, else its initialisation) or timm model name
     (random weights, built for ``image_size`` where the model takes one)."""
     path = Path(spec)
-    if path.is_dir() or path.suffix in (".safetensors", ".yaml", ".yml"):
+    if path.is_dir() or path.suffix in (".safetensors", *RECIPE_SUFFIXES) or find_shipped(path) is not None:
         recipe, _, model, _ = build(path, read_data=True)
         return model.to(device), f"{model_name(recipe)} ({path})", native_size(recipe)
     import timm

@@ -32,7 +32,7 @@ from torch import nn
 from dfx import hub
 from dfx.distill import BlockFeatures, distillation_loss, patch_tokens
 from dfx.errors import RunError, UsageError
-from dfx.recipe import EvalConfig
+from dfx.recipe import EvalConfig, shipped_display
 from dfx.tasks import classification
 from dfx.tasks.classification import DataConfig, ModelConfig, TrainConfig
 
@@ -112,14 +112,15 @@ def _is_dfx_checkpoint(path: Path) -> bool:
 
 
 def _train_command(run: Path, recipe_source: Union[str, None]) -> str:
-    """The command that creates run directory ``run``: ``dfx train recipes/<stem>.yaml [--out run]``."""
+    """The command that creates run directory ``run``: ``dfx train <stem> [--out run]`` for a shipped
+    recipe, ``dfx train <folder>/<stem>.yaml`` for one beside the distillation recipe or in ./recipes."""
     stem = re.sub(r"-\d+$", "", run.name)
     folders = [Path(recipe_source).parent] if recipe_source else []
     for folder in (*folders, Path("recipes")):
         candidate = folder / f"{stem}.yaml"
         if candidate.is_file():
             default_dir = run.parts[:1] == ("runs",) and len(run.parts) == 3 and run.name == stem
-            return f"dfx train {candidate}" + ("" if default_dir else f" --out {run}")
+            return f"dfx train {shipped_display(candidate)}" + ("" if default_dir else f" --out {run}")
     return f"dfx train RECIPE --out {run}"
 
 
