@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,7 +34,8 @@ from dfx.export import example_inputs, require_onnx  # noqa: E402
 from dfx.models import build  # noqa: E402
 from dfx.predict import read_image  # noqa: E402
 
-CHESS = Path(__file__).resolve().parents[2] / "shared" / "data" / "chess-pieces-coco" / "test"
+DATA = Path(os.environ.get("DFX_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+CHESS = DATA / "chess-pieces-coco" / "test"
 
 
 def main() -> None:
