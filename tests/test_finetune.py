@@ -68,15 +68,29 @@ def test_patience_out_of_range_names_the_key(tiny_recipe):
 # EMA: what is evaluated is what is saved as best, and it survives a resume
 
 
-def test_best_checkpoint_holds_the_ema_weights(tiny_recipe, tmp_path):
-    result = train(tiny_recipe, ["train.ema=true", "train.ema_decay=0.9", "train.epochs=1"], out=tmp_path / "run",
-                   quiet=True)
+def test_best_checkpoint_holds_the_ema_weights_and_a_resume_continues_the_average(tiny_recipe, tmp_path):
+    ema = ["train.ema=true", "train.ema_decay=0.9", "train.epochs=2", "eval.metric=loss", "eval.mode=min"]
+    result = train(tiny_recipe, ema, out=tmp_path / "full", quiet=True)
     folder = Path(result["run_dir"]) / "checkpoints"
     state, best, last = load_state(folder / "last.state.pt"), load_weights(folder / "best.safetensors"), \
         load_weights(folder / "last.safetensors")
     differs = [k for k in last if not torch.equal(last[k], best[k])]
     assert differs, "with EMA the best checkpoint must be the average, not the raw weights"
+    assert result["best"]["epoch"] == 2  # the validation loss fell: best is the last epoch's average
     assert all(torch.equal(best[k], state["ema"][k]) for k in best)
+
+    class Crash(Exception):
+        pass
+
+    def crash(epoch, **_):
+        if epoch == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(tiny_recipe, ema, out=tmp_path / "cut", quiet=True, callbacks=[crash])
+    train(tiny_recipe, resume=tmp_path / "cut", quiet=True)
+    resumed = load_state(tmp_path / "cut" / "checkpoints" / "last.state.pt")["ema"]
+    assert all(torch.equal(resumed[k], state["ema"][k]) for k in state["ema"])  # bitwise, as without the cut
 
 
 # ------------------------------------------------------------------------------------------------
