@@ -155,7 +155,8 @@ def _stem_of(run_dir: Path, default: str) -> str:
 
 def train(recipe: Recipe | str | Path, overrides: Iterable[str] = (), *, out: str | Path | None = None, resume=None,
           device: str = "auto", callbacks: Iterable[Callable] = (), quiet: bool = False) -> dict:
-    """Train a recipe; returns ``{"run_dir", "metrics", "best", "epochs", "elapsed_s"}``.
+    """Train a recipe; returns ``{"run_dir", "metrics", "best", "epochs", "stopped_early", "elapsed_s"}``
+    (``epochs``: the epochs trained; ``stopped_early``: ``train.patience`` ended the run).
 
     ``resume``: None (new run), ``"latest"`` (newest run of this recipe) or a run directory.
     ``callbacks`` are called as ``cb(epoch=..., row=..., run_dir=...)`` after each epoch is saved.
