@@ -40,7 +40,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tf_efficientnet_lite0", help="a timm model name")
-    parser.add_argument("--weights", type=Path, default=SHARED / "weights" / "tf_efficientnet_lite0.imagenet.safetensors")
+    parser.add_argument("--weights", type=Path,
+                        default=SHARED / "weights" / "tf_efficientnet_lite0.imagenet.safetensors")
     parser.add_argument("--chess", type=int, default=5, help="chess test photos added to the RGB-D samples")
     args = parser.parse_args()
     photos = sorted((SHARED / "data" / "rgbd-samples").glob("*_color.*")) + \

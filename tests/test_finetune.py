@@ -140,7 +140,8 @@ def test_colour_jitter_changes_pixels_not_boxes_and_is_seeded():
     assert torch.equal(b, c)  # the same seed, the same jitter (dfx seeds every sample)
     evaluation = DetectionTransform(False, scales=[64], max_size=96, color_jitter=0.4)
     torch.manual_seed(1)
-    assert torch.equal(evaluation(image, target)[0], DetectionTransform(False, scales=[64], max_size=96)(image, target)[0])
+    unjittered = DetectionTransform(False, scales=[64], max_size=96)
+    assert torch.equal(evaluation(image, target)[0], unjittered(image, target)[0])
 
 
 # ------------------------------------------------------------------------------------------------
