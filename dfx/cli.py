@@ -187,8 +187,9 @@ def _show_run(result: dict, dry_run: bool, detail: str = "") -> None:
 
         out.print(yaml.safe_dump(result, sort_keys=False), end="", highlight=False)
         return
-    out.print(f"run directory: {result['run_dir']}  ({detail}{result['epochs']} epochs, {result['elapsed_s']:.0f} s)",
-              markup=False)
+    stopped = ", stopped early: train.patience" if result.get("stopped_early") else ""
+    out.print(f"run directory: {result['run_dir']}  ({detail}{result['epochs']} epochs{stopped}, "
+              f"{result['elapsed_s']:.0f} s)", markup=False)
     out.print(_metrics_table("final metrics", result["metrics"]))
     if result["best"]:
         out.print(f"best (epoch {result['best']['epoch']}) saved as checkpoints/best.safetensors")

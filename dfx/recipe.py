@@ -93,7 +93,7 @@ class TrainConfig:
         "momentum": UNIT, "warmup_epochs": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "warmup_lr": NON_NEGATIVE,
         "min_lr": NON_NEGATIVE, "decay_epochs": POSITIVE, "milestones": Range(1, 100_000), "decay_rate": POSITIVE,
         "grad_clip": POSITIVE, "ema_decay": UNIT, "seed": Range(0, 2**32, high_open=True),
-        "num_workers": Range(0, 256), "log_every": Range(1),
+        "num_workers": Range(0, 256), "log_every": Range(1), "patience": Range(1, 100_000),
     }
 
     epochs: int = 10
@@ -112,8 +112,10 @@ class TrainConfig:
     decay_rate: float = 0.1
     grad_clip: Union[float, None] = None
     amp: Union[bool, Literal["bf16", "fp16"]] = False
-    ema: bool = False
+    ema: bool = False  # keep an exponential moving average of the weights: it is evaluated and saved as best
     ema_decay: float = 0.9998
+    # early stopping: end the run once eval.metric has not improved for this many epochs (null: never)
+    patience: Union[int, None] = None
     seed: int = 0
     num_workers: int = 2
     log_every: int = 20

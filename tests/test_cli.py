@@ -34,7 +34,7 @@ def test_train_json_then_eval_json(tiny_recipe):
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)  # exactly one JSON object on stdout
     assert result.stdout.strip().count("\n") == 0
-    assert set(payload) == {"run_dir", "metrics", "best", "epochs", "elapsed_s"}
+    assert set(payload) == {"run_dir", "metrics", "best", "epochs", "stopped_early", "elapsed_s"}
     assert set(payload["metrics"]) == {"top1", "top5", "loss"} and payload["epochs"] == 1
     assert "epoch 1/1" in result.stderr  # progress went to stderr (plain lines: not a TTY)
 

@@ -82,7 +82,7 @@ def test_cli_distills_into_a_student_only_checkpoint(tmp_path, tiny_data, teache
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip().count("\n") == 0
     payload = json.loads(result.stdout)
-    assert set(payload) == {"run_dir", "metrics", "best", "epochs", "elapsed_s", "teacher"}
+    assert set(payload) == {"run_dir", "metrics", "best", "epochs", "stopped_early", "elapsed_s", "teacher"}
     assert payload["teacher"] == str(teacher_run) and set(payload["metrics"]) == {"top1", "top5", "loss"}
     run_dir = Path(payload["run_dir"])
     assert run_dir.parent.name == "distillation"

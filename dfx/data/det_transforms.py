@@ -4,7 +4,9 @@ A target is a dict: ``boxes`` float [N, 4] (absolute pixel xyxy on the way in, n
 in [0, 1] on the way out), ``labels`` int64 [N], ``image_id`` int, ``orig_size`` int64 [2] (h, w of
 the image as read), ``size`` int64 [2] (h, w of the transformed, unpadded image).
 
-Training (DETR's augmentation): random horizontal flip; then either (probability ``1 - crop_prob``)
+Training (DETR's augmentation): with ``color_jitter`` j > 0, brightness, contrast and saturation each
+scaled by a factor drawn in [1 - j, 1 + j] (in random order; hue is kept: a class may be a colour);
+random horizontal flip; then either (probability ``1 - crop_prob``)
 a resize of the shorter side to a random one of ``scales``, capped so the longer side is at most
 ``max_size``, or (probability ``crop_prob``) a resize of the shorter side to a random one of
 ``crop_resize`` (uncapped; skipped when null), a random crop whose sides are drawn in
@@ -48,7 +50,7 @@ class DetectionTransform:
 
     def __init__(self, train: bool, scales: list[int], max_size: int, crop: list[int] | None = None,
                  crop_prob: float = 0.5, hflip: float = 0.5, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                 crop_resize: list[int] | None = None):
+                 crop_resize: list[int] | None = None, color_jitter: float = 0.0):
         if not scales:
             raise ValueError("scales: expected at least one size for the shorter side")
         if crop is not None and (len(crop) != 2 or not 0 < crop[0] <= crop[1]):
@@ -62,6 +64,7 @@ class DetectionTransform:
         self.hflip = hflip
         self.mean = list(mean)
         self.std = list(std)
+        self.color_jitter = color_jitter
 
     def __call__(self, image: Image.Image, target: dict) -> tuple[Tensor, dict]:
         from torchvision import tv_tensors
@@ -72,6 +75,11 @@ class DetectionTransform:
                                          format="XYXY", canvas_size=(image.height, image.width))
         labels = torch.as_tensor(target["labels"], dtype=torch.int64)
         if self.train:
+            if self.color_jitter:
+                from torchvision.transforms import v2
+
+                j = self.color_jitter
+                image = v2.ColorJitter(brightness=j, contrast=j, saturation=j)(image)
             if torch.rand(()) < self.hflip:
                 image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
             if self.crop is not None and torch.rand(()) < self.crop_prob:

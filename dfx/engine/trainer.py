@@ -155,7 +155,8 @@ def _stem_of(run_dir: Path, default: str) -> str:
 
 def train(recipe: Recipe | str | Path, overrides: Iterable[str] = (), *, out: str | Path | None = None, resume=None,
           device: str = "auto", callbacks: Iterable[Callable] = (), quiet: bool = False) -> dict:
-    """Train a recipe; returns ``{"run_dir", "metrics", "best", "epochs", "elapsed_s"}``.
+    """Train a recipe; returns ``{"run_dir", "metrics", "best", "epochs", "stopped_early", "elapsed_s"}``
+    (``epochs``: the epochs trained; ``stopped_early``: ``train.patience`` ended the run).
 
     ``resume``: None (new run), ``"latest"`` (newest run of this recipe) or a run directory.
     ``callbacks`` are called as ``cb(epoch=..., row=..., run_dir=...)`` after each epoch is saved.
@@ -402,6 +403,13 @@ def validate(run: Run, epoch: int, row: dict, progress: EpochProgress) -> bool:
     return improved
 
 
+def out_of_patience(run: Run) -> bool:
+    """Whether ``train.patience`` epochs have passed since the best evaluation. Read from the
+    committed state (last epoch, best epoch), so a resumed run stops exactly where it would have."""
+    patience = run.recipe.train.patience
+    return patience is not None and run.best is not None and run.epoch - run.best["epoch"] >= patience
+
+
 def save(run: Run, row: dict, improved: bool) -> None:
     """Record the epoch and commit its checkpoint as a unit (rank 0): last (and best) weights, the
     training state, then metrics.jsonl / results.csv / plots and tensorboard."""
@@ -435,6 +443,10 @@ def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet,
     if run.epoch >= t.epochs and ctx.is_main:
         logger.warning(f"dfx: {run.run_dir} already trained for {t.epochs} epochs; pass train.epochs=N to train longer")
     for epoch in range(run.epoch + 1, t.epochs + 1):
+        if out_of_patience(run):
+            progress.log(f"dfx: stopping early after epoch {run.epoch}: {recipe.eval.metric} has not improved since "
+                         f"epoch {run.best['epoch']} (train.patience {t.patience})")
+            break
         row = train_epoch(run, epoch, progress)
         improved = validate(run, epoch, row, progress)
         save(run, row, improved)
@@ -446,6 +458,7 @@ def _train(recipe: Recipe, ctx: D.Context, *, out, resume_dir, callbacks, quiet,
         "run_dir": str(run.run_dir),
         "metrics": run.metrics,
         "best": {"epoch": run.best["epoch"], **run.best["metrics"]} if run.best else {},
-        "epochs": t.epochs,
+        "epochs": run.epoch,
+        "stopped_early": run.epoch < t.epochs,
         "elapsed_s": round(time.perf_counter() - started, 2),
     }

@@ -21,6 +21,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from dfx import hub
 from dfx.data.coco import CocoDetection
 from dfx.data.det_transforms import DetectionTransform, collate_detection
 from dfx.data.formats import SPLITS, DetectionData, find_detection_data
@@ -115,8 +116,10 @@ class DataConfig:
     category_ids: Union[list[int], None] = None  # the classes, as annotation category ids; null: all in the file
     classes: Union[list[str], None] = None  # their names, so a model builds without the data (dfx.create_model)
     skip_invalid: bool = False  # drop (and count) invalid boxes, labels and images instead of failing
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    color_jitter: float = 0.0  # training: brightness, contrast and saturation each scaled by [1 - j, 1 + j]
+    # input normalisation; null: the backbone's pretrained configuration (timm's), filled in when the recipe loads
+    mean: Union[list[float], None] = None
+    std: Union[list[float], None] = None
 
     def validate(self, prefix: str) -> None:
         if not self.scales or min(self.scales) < 1:
@@ -134,6 +137,13 @@ class DataConfig:
         for name in ("crop_prob", "hflip"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UsageError(f"{prefix}.{name}: expected a probability in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.color_jitter < 1:
+            raise UsageError(f"{prefix}.color_jitter: expected a strength in [0, 1), got {self.color_jitter}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):
+                raise UsageError(f"{prefix}.{name}: expected three {'positive ' if name == 'std' else ''}values (RGB) "
+                                 f"or null (the backbone's pretrained normalisation), got {value}")
 
 
 @dataclass
@@ -157,6 +167,28 @@ SECTIONS = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig, "train
 def validate_recipe(recipe) -> None:
     if recipe.train.backbone_lr < 0 or recipe.train.offset_lr_mult < 0:
         raise UsageError("train.backbone_lr and train.offset_lr_mult must be >= 0")
+    data = recipe.data
+    if data.mean is None or data.std is None:  # filled in here, so recipe.yaml, checkpoints and exports record it
+        mean, std = pretrained_normalisation(recipe.model.backbone)
+        data.mean = list(mean) if data.mean is None else data.mean
+        data.std = list(std) if data.std is None else data.std
+
+
+def pretrained_normalisation(backbone: str) -> tuple[tuple, tuple]:
+    """(mean, std) the backbone's pretrained weights expect, from timm's pretrained configuration
+    of that model (``tf_efficientnet_lite0``: 0.5 / 0.5); ImageNet's for a name timm does not know."""
+    import timm
+
+    name = hub.ALIASES.get(backbone, backbone)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # a name outside timm's registry of pretrained configurations
+        cfg = None
+    if cfg is None:
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return tuple(cfg.mean), tuple(cfg.std)
 
 
 class Task:
@@ -190,7 +222,7 @@ class Task:
         source = self.data().split(split)
         transform = DetectionTransform(split == "train", scales=data.scales, max_size=data.max_size, crop=data.crop,
                                        crop_resize=data.crop_resize, crop_prob=data.crop_prob, hflip=data.hflip,
-                                       mean=data.mean, std=data.std)
+                                       mean=data.mean, std=data.std, color_jitter=data.color_jitter)
         # a split without some class (val often lacks a rare one) still gets the model's classes, by name
         dataset = CocoDetection(source.images, source.ann_file, transform, category_ids=data.category_ids,
                                 skip_invalid=data.skip_invalid, annotations=source.annotations,
