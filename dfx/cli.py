@@ -363,13 +363,16 @@ def data_check(
     debug: DebugOption = False,
 ) -> None:
     """Read a detection dataset the way training will: format, splits, boxes per class, image sizes and
-    every problem (exit 1 when training would fail).
+    every problem (exit 1 when training would fail). Depth data (a depth recipe, or ROOT task=depth):
+    pairs, valid fraction, depth range and a unit guess.
 
     Examples:
 
       dfx data check ../shared/data/chess-pieces-coco
 
       dfx data check recipes/hdetr.yaml data.root=/data/coco --json
+
+      dfx data check recipes/dpt-nyu.yaml data.root=/data/nyu
     """
     items = list(overrides or [])
     if target is not None and "=" in target and not Path(target).exists():  # only overrides given
@@ -389,6 +392,17 @@ def data_check(
 
 
 def _show_data_report(report: dict) -> None:
+    if report.get("task") == "depth":
+        from dfx.data.depth_check import report_lines
+
+        for line in report_lines(report):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+        for problem in report["problems"]:
+            level = "[bold red]error[/]" if problem["fatal"] else "[yellow]warning[/]"
+            out.print(f"{level} {problem['split']}: {escape(problem['detail'])}", highlight=False, soft_wrap=True)
+        out.print("ok: training can read this data" if report["ok"] else "[bold red]training would fail on this data[/]",
+                  highlight=False)
+        return
     out.print(f"{report['root'] or 'explicit paths'}: format {report['format']}, {len(report['classes'])} classes",
               highlight=False)
     table = Table(show_header=True)

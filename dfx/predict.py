@@ -263,6 +263,10 @@ class ClassificationPredictor(Predictor):
 PREDICTORS = {"detection": DetectionPredictor, "segmentation": SegmentationPredictor, "fusion": FusionPredictor,
               "classification": ClassificationPredictor, "distillation": ClassificationPredictor}
 
+from dfx.predict_depth import DepthPredictor  # noqa: E402 -- it subclasses Predictor, defined above
+
+PREDICTORS["depth"] = DepthPredictor
+
 
 def _colours(count: int) -> np.ndarray:
     from dfx.detection.plots import class_colours

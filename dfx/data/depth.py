@@ -95,3 +95,23 @@ def read_depth_metres(path: Path, depth: DepthFormat = DepthFormat()) -> np.ndar
             raise UsageError(f"{path}: image mode {image.mode!r} holds no raw depth; expected a 16/32-bit "
                              f"single-channel image ({', '.join(DEPTH_MODES)})")
         return raw_to_metres(np.asarray(image), depth)
+
+
+def read_depth_target(path: Path, depth: DepthFormat = DepthFormat()) -> np.ndarray:
+    """A depth map as float32 metres ``[H, W]`` (0 = no depth), for training and scoring depth models.
+
+    16/32-bit single-channel files are raw depth (:func:`raw_to_metres`); an 8-bit grey file is
+    read on the 8-bit depth PNG scale, ``metres = value * depth.max_metres / 255``. Colour files are
+    refused: they hold no depth.
+    """
+    try:
+        with Image.open(path) as image:
+            if image.mode in DEPTH_MODES:
+                return raw_to_metres(np.asarray(image), depth)
+            if image.mode == "L":
+                return np.asarray(image, dtype=np.float32) * np.float32(depth.max_metres / 255.0)
+            mode = image.mode
+    except (OSError, UnidentifiedImageError) as e:
+        raise UsageError(f"cannot read depth {path}: {e}; remove or replace the file") from None
+    raise UsageError(f"{path}: image mode {mode!r} holds no depth; expected a 16/32-bit single-channel image "
+                     f"({', '.join(DEPTH_MODES)}) or an 8-bit grey depth PNG")
