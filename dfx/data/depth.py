@@ -48,6 +48,34 @@ class DepthFormat:
                              f"{self.max_metres}")
 
 
+class DepthDataSection:
+    """What a recipe ``data`` section with ``image_size`` (int or [height, width]), ``depth_encoding`` /
+    ``depth_scale`` / ``depth_max``, ``scale`` / ``ratio`` / ``hflip`` and ``mean`` / ``std`` fields derives
+    from them and how it checks them (the fusion and depth tasks' sections)."""
+
+    @property
+    def depth(self) -> DepthFormat:
+        return DepthFormat(self.depth_encoding, self.depth_scale, self.depth_max)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+
+    def check_size_and_depth(self, prefix: str) -> None:
+        """Validate image_size, the depth fields, the crop augmentation (scale, ratio, hflip) and mean/std."""
+        from dfx.tasks.segmentation import check_crop_augmentation
+
+        check_crop_augmentation(prefix, self.scale, self.ratio, self.hflip)
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise UsageError(f"{prefix}.mean/std: expected three values (every image is read as 3 channels)")
+        size = [self.image_size] if isinstance(self.image_size, int) else self.image_size
+        if len(size) not in (1, 2) or min(size) < 1:
+            raise UsageError(f"{prefix}.image_size: expected a size or [height, width] in pixels, got {self.image_size}")
+        if not self.depth_scale > 0 or not self.depth_max > 0:
+            raise UsageError(f"{prefix}.depth_scale / depth_max: expected positive numbers (units per metre, "
+                             f"metres), got {self.depth_scale} / {self.depth_max}")
+
+
 def raw_to_metres(raw: np.ndarray, depth: DepthFormat) -> np.ndarray:
     """``[H, W]`` raw values (as PIL reads them) -> float32 metres, 0 where there is no depth."""
     if depth.encoding == "nyu-raw":

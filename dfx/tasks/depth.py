@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dfx import hub
-from dfx.data.depth import DepthFormat
+from dfx.data.depth import DepthDataSection
 from dfx.data.depth_eval import DepthMetrics
 from dfx.data.depth_pairs import DepthPairs, DepthTransform, collate_depth
 from dfx.errors import UsageError
@@ -34,7 +34,6 @@ from dfx.recipe import EvalConfig as BaseEvalConfig
 from dfx.recipe import TrainConfig as BaseTrainConfig
 from dfx.recipe import WeightsConfig
 from dfx.tasks.classification import data_root
-from dfx.tasks.segmentation import check_crop_augmentation
 from dfx.weights import load_recipe_weights
 
 
@@ -74,7 +73,7 @@ class ModelConfig(WeightsConfig):
 
 
 @dataclass
-class DataConfig:
+class DataConfig(DepthDataSection):
     """RGB + depth pairs (dfx.data.depth_pairs) and their augmentation.
 
     ``images`` / ``depths``: the folders of an id-listing split file; ``image_size``: the training
@@ -98,24 +97,8 @@ class DataConfig:
     depth_scale: float = 1000.0
     depth_max: float = 10.0
 
-    @property
-    def depth(self) -> DepthFormat:
-        return DepthFormat(self.depth_encoding, self.depth_scale, self.depth_max)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
-
     def validate(self, prefix: str) -> None:
-        size = [self.image_size] if isinstance(self.image_size, int) else self.image_size
-        if len(size) not in (1, 2) or min(size) < 1:
-            raise UsageError(f"{prefix}.image_size: expected a size or [height, width] in pixels, got {self.image_size}")
-        check_crop_augmentation(prefix, self.scale, self.ratio, self.hflip)
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise UsageError(f"{prefix}.mean/std: expected three values (RGB)")
-        if not self.depth_scale > 0 or not self.depth_max > 0:
-            raise UsageError(f"{prefix}.depth_scale / depth_max: expected positive numbers (units per metre, "
-                             f"metres), got {self.depth_scale} / {self.depth_max}")
+        self.check_size_and_depth(prefix)
 
 
 @dataclass
@@ -213,14 +196,9 @@ class Task:
 
     def param_groups(self, model) -> list[dict]:
         """AdamW groups: no weight decay on 1-d tensors (norms, biases); the DPT head's lr x decoder_lr_mult."""
-        t = self.recipe.train
-        groups: dict[tuple[bool, bool], list] = {}
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                groups.setdefault((not name.startswith("backbone."), param.ndim > 1), []).append(param)
-        return [{"params": params, "weight_decay": t.weight_decay if decay else 0.0,
-                 "lr_scale": t.decoder_lr_mult if head else 1.0}
-                for (head, decay), params in sorted(groups.items())]
+        from dfx.tasks.fusion import decoder_param_groups
+
+        return decoder_param_groups(model, self.recipe.train.weight_decay, self.recipe.train.decoder_lr_mult)
 
     def loss(self, model, batch) -> tuple[Tensor, dict]:
         images, depths, _ = batch
