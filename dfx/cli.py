@@ -779,7 +779,7 @@ def predict(
             names = ", ".join(Path(s["file"]).name for s in result["skipped_files"][:5])
             counts += f"; skipped {result['skipped']} ({names}{', ...' if result['skipped'] > 5 else ''})"
         out.print(f"{counts} in {result['elapsed_s']:.1f} s -> {result['out']}", highlight=False)
-        _print_files(result, ("predictions", "results", "labels", "pictures"))
+        _print_files(result, ("predictions", "results", "labels", "depth", "pictures"))
 
     run(work, json_out=json_out, debug=debug, quiet=quiet, show=show)
 

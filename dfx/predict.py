@@ -12,6 +12,8 @@ SOURCE is image files, folders or globs. Everything goes to ``runs/predict/<name
   (each class's share of the pixels);
 * classification: the JSON lines (top-5 classes and scores) and ``images/`` (the top class written
   on the image).
+* depth: ``depth/<stem>.png`` (uint16 millimetres) and ``images/`` (the image beside its
+  colour-mapped depth); see dfx.predict_depth.
 
 Fusion reads one source per modality: SOURCE is the first of ``data.modalities``, ``modalities``
 gives the others (``{"depth": ["DIR"]}``); files are paired by name (stem), else in sorted order.

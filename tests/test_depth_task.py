@@ -403,3 +403,23 @@ def test_compare_reads_lower_is_better_metrics():
     assert diff["reading"] == "better" and diff["mean"] == pytest.approx(-0.03, abs=1e-9)
     assert reading_line("B", "A", diff, "AbsRel").startswith("B − A = -0.030 AbsRel [")
     assert format_metric(0.1234, "AbsRel") == "0.123" and format_metric(0.452, "AP") == "45.2"
+
+
+def test_relative_model_trains_ssi_on_inverse_depth_and_metric_model_silog():
+    from dfx.tasks.depth import Task
+
+    _, gt = hand_made_pair()
+    target = torch.from_numpy(gt)[None]
+    prediction = torch.rand(1, 1, *gt.shape, requires_grad=True)
+    images = torch.zeros(1, 3, *gt.shape)
+    relative = Task(depth_recipe(model={"output": "relative"}))
+    loss, _ = relative.loss(lambda x: prediction, (images, target, torch.tensor([gt.shape])))
+    mask = target > 0
+    inverse = torch.where(mask, 1 / target.clamp(min=1e-6), torch.zeros_like(target))
+    assert float(loss) == pytest.approx(float(ssi_loss(prediction[:, 0], inverse, mask)), rel=1e-6)
+    loss.backward()
+    assert float(prediction.grad[0, 0][~mask[0]].abs().sum()) == 0  # no gradient where there is no depth
+    metric = Task(depth_recipe(train={"silog_variance_focus": 0.5, "silog_scale": 1.0}))
+    loss, _ = metric.loss(lambda x: prediction.detach() + 1, (images, target, torch.tensor([gt.shape])))
+    expected = silog_loss(prediction.detach()[:, 0] + 1, target, mask, variance_focus=0.5, scale=1.0)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
