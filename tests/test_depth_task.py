@@ -348,6 +348,22 @@ def test_train_eval_predict_export_end_to_end(tmp_path):
 
 
 @needs("rgbd-samples")
+@pytest.mark.parametrize("name, guess", [("NYU", "NYU raw Kinect (.pgm)"), ("SUN", "SUN RGB-D (rotated bits, mm)"),
+                                         ("TUM", "1/5000 m (TUM RGB-D)")])
+def test_data_check_guesses_the_unit_of_real_depth_files(tmp_path, name, guess):
+    from dfx.data_check import check_data
+
+    suffix = {"NYU": ("ppm", "pgm"), "SUN": ("jpg", "png"), "TUM": ("png", "png")}[name]
+    listing = tmp_path / "pair.txt"
+    listing.write_text(f"{name}_color.{suffix[0]} {name}_depth.{suffix[1]}\n")
+    report = check_data(SAMPLES, ["task=depth", f"data.train_split={listing}", f"data.val_split={listing}"],
+                        progress=False)
+    assert report["ok"] and report["unit"]["guess"] == guess
+    assert not report["unit"]["configured_plausible"]  # the default reading is millimetres: flagged with the fix
+    assert report["unit"]["fix"] in next(p["detail"] for p in report["problems"] if p["kind"] == "unit")
+
+
+@needs("rgbd-samples")
 def test_real_pairs_read_in_every_format(tmp_path):
     """NYU raw .pgm, SUN RGB-D's PNG and TUM's 5000-per-metre PNG, each as a one-pair list."""
     formats = {"NYU": DepthFormat("nyu-raw"), "SUN": DepthFormat("sunrgbd"), "TUM": DepthFormat("linear", 5000)}
@@ -386,7 +402,7 @@ def test_data_check_reports_valid_share_range_and_unit(tmp_path):
     val = report["splits"]["val"]
     assert val["pairs"] == 3 and val["valid_fraction"] == pytest.approx(1 - 1 / (24 * 32), abs=1e-4)
     assert 0.5 <= val["depth_m"]["min"] and val["depth_m"]["max"] <= 8.0
-    assert report["unit"]["configured_plausible"] and "millimetres" in report["unit"]["plausible"]
+    assert report["unit"]["configured_plausible"] and report["unit"]["guess"] == "millimetres"
     # the same files read as metres (scale 1): the median is thousands of metres, flagged with the fix
     report = check_data(root, ["task=depth", "data.depth_scale=1"], progress=False)
     assert not report["unit"]["configured_plausible"]

@@ -3,8 +3,8 @@
 Per split: the pairs, image sizes, the share of pixels with a return (valid), the range of depth
 in metres as the recipe decodes it, and the raw values' storage (16-bit, 8-bit). A **unit
 guess** reads the raw 16-bit values under the common conventions (millimetres, TUM's 1/5000 m,
-KITTI's 1/256 m, SUN RGB-D's rotated bits) and names the ones that put the median depth in a
-plausible 0.3-30 m; the configured reading is flagged when it is not among them. Problems that
+KITTI's 1/256 m, SUN RGB-D's rotated bits, NYU's raw Kinect frames) from their signatures
+(:func:`unit_guess`); the configured reading is flagged, with the override to set, when it differs. Problems that
 stop training (missing or unreadable files, sizes that differ) are fatal.
 """
 
@@ -15,17 +15,17 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from dfx.data.depth import DEPTH_MODES, DepthFormat, raw_to_metres
+from dfx.data.depth import DEPTH_MODES, NYU_NO_RETURN, DepthFormat, raw_to_metres
 from dfx.errors import UsageError
 
 # name -> (recipe overrides that select it, how raw 16-bit values become metres)
 READINGS = {
+    "NYU raw Kinect (.pgm)": ("data.depth_encoding=nyu-raw", DepthFormat("nyu-raw")),
     "millimetres": ("data.depth_encoding=linear data.depth_scale=1000", DepthFormat("linear", 1000)),
     "1/5000 m (TUM RGB-D)": ("data.depth_encoding=linear data.depth_scale=5000", DepthFormat("linear", 5000)),
     "1/256 m (KITTI)": ("data.depth_encoding=linear data.depth_scale=256", DepthFormat("linear", 256)),
     "SUN RGB-D (rotated bits, mm)": ("data.depth_encoding=sunrgbd", DepthFormat("sunrgbd")),
 }
-PLAUSIBLE_MEDIAN_M = (0.3, 30.0)
 MAX_SAMPLES = 200  # pairs read per split for the statistics (evenly spaced)
 
 
@@ -38,6 +38,7 @@ def check_depth(recipe, decode: bool = True, progress: bool = True) -> dict:
     report = {"task": "depth", "root": data.root, "format": "RGB + depth pairs", "classes": [], "splits": {},
               "reading": _describe(data.depth), "problems": []}
     raw_values: list[np.ndarray] = []
+    raw_valid = raw_pixels = 0
     task = Task(recipe)
     for split in ("train", "val"):
         try:
@@ -64,6 +65,8 @@ def check_depth(recipe, decode: bool = True, progress: bool = True) -> dict:
                 if raw.mode in DEPTH_MODES:
                     values = np.asarray(raw)
                     raw_values.append(values[values > 0][::97])  # a thin sample for the unit guess
+                    raw_valid += int((values > 0).sum())
+                    raw_pixels += values.size
             sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
             good = metres[metres > 0]
             valid += good.size
@@ -89,30 +92,48 @@ def check_depth(recipe, decode: bool = True, progress: bool = True) -> dict:
                                                f"metric model caps at model.max_depth {recipe.model.max_depth:g})",
                                                fatal=False))
     if raw_values:
-        report["unit"] = unit_guess(np.concatenate(raw_values), data.depth)
+        report["unit"] = unit_guess(np.concatenate(raw_values), raw_valid / max(raw_pixels, 1), data.depth)
         if not report["unit"]["configured_plausible"]:
             report["problems"].append(_problem("all", "unit", report["unit"]["advice"], fatal=False))
     report["ok"] = not any(p["fatal"] for p in report["problems"])
     return report
 
 
-def unit_guess(raw: np.ndarray, configured: DepthFormat) -> dict:
-    """The median depth of ``raw`` (non-zero 16-bit values) under each common reading, and which fit."""
-    def median_of(fmt: DepthFormat) -> float:
-        metres = raw_to_metres(raw, fmt)
-        metres = metres[metres > 0]
-        return float(np.median(metres)) if metres.size else 0.0
+def unit_guess(raw: np.ndarray, valid_fraction: float, configured: DepthFormat) -> dict:
+    """Which common convention the raw 16-bit values (``raw``: a sample of the non-zero ones) follow.
 
-    low, high = PLAUSIBLE_MEDIAN_M
-    medians = {name: round(median_of(fmt), 3) for name, (_, fmt) in READINGS.items()}
-    plausible = [name for name, m in medians.items() if low <= m <= high]
-    mine = round(median_of(configured), 3)
-    fits = low <= mine <= high
-    advice = (f"as configured ({_describe(configured)}) the median depth is {mine:g} m; "
-              + (f"plausible readings: {', '.join(f'{n} ({medians[n]:g} m: {READINGS[n][0]})' for n in plausible)}"
-                 if plausible else "no common reading gives a plausible median; check the files"))
-    return {"raw_median": float(np.median(raw)), "configured_median_m": mine, "configured_plausible": fits,
-            "median_m_by_reading": medians, "plausible": plausible, "advice": advice}
+    Signatures, in order: NYU's raw Kinect frames hold byte-swapped 11-bit values (<= 2047 once
+    swapped); SUN RGB-D's rotation leaves the low 3 bits zero for any depth under 8.19 m; a sparse
+    map (under 30% of pixels with a return) is LiDAR, KITTI's 1/256 m; otherwise a dense sensor in
+    millimetres when that puts the median in 0.3-8 m and the 99th percentile under 15 m, else TUM's
+    1/5000 m when that does.
+    """
+    raw = raw.astype(np.uint16)
+    metres = {name: raw_to_metres(raw, fmt) for name, (_, fmt) in READINGS.items()}
+    if raw.byteswap().max() <= NYU_NO_RETURN and raw.max() > NYU_NO_RETURN:
+        guess, reason = "NYU raw Kinect (.pgm)", "every value is an 11-bit count once its bytes are swapped"
+    elif np.mean((raw & 7) == 0) > 0.9:
+        guess, reason = "SUN RGB-D (rotated bits, mm)", f"{100 * np.mean((raw & 7) == 0):.0f}% of the values have their low 3 bits zero"
+    elif valid_fraction < 0.3:
+        guess, reason = "1/256 m (KITTI)", f"only {100 * valid_fraction:.0f}% of the pixels have a return (LiDAR)"
+    else:
+        dense = [name for name in ("millimetres", "1/5000 m (TUM RGB-D)")
+                 if 0.3 <= np.median(metres[name]) <= 8 and np.percentile(metres[name], 99) < 15]
+        guess = dense[0] if dense else None
+        reason = (f"median {np.median(metres[guess]):.2f} m, 99th percentile {np.percentile(metres[guess], 99):.2f} m "
+                  "(a dense indoor sensor)" if guess else "no common reading gives dense indoor depth")
+    mine = raw_to_metres(raw, configured)
+    fits = guess is not None and _same_reading(READINGS[guess][1], configured)
+    fix = READINGS[guess][0] if guess and not fits else None
+    advice = f"the files look like {guess} ({reason})" if guess else reason
+    if fix:
+        advice += f"; the recipe reads {_describe(configured)}: set {fix}"
+    return {"guess": guess, "reason": reason, "fix": fix, "configured_plausible": fits,
+            "configured_median_m": float(np.median(mine[mine > 0])) if (mine > 0).any() else 0.0, "advice": advice}
+
+
+def _same_reading(a: DepthFormat, b: DepthFormat) -> bool:
+    return a.encoding == b.encoding and (a.encoding != "linear" or a.scale == b.scale)
 
 
 def _describe(fmt: DepthFormat) -> str:
