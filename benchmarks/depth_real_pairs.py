@@ -1,13 +1,15 @@
 """A depth run on the three real RGB-D pairs of ../shared/data/rgbd-samples: the figure and table of docs/depth.md.
 
-    python benchmarks/depth_real_pairs.py RUN_DIR [--samples DIR] [--out docs/depth_real_pairs.png] [--json]
+    python benchmarks/depth_real_pairs.py RUN_DIR [--samples DIR] [--out docs/depth_real_pairs.jpg]
+                                          [--shapes-out docs/depth_shapes.jpg] [--json]
 
 For each pair (NYU raw Kinect PGM, SUN RGB-D PNG, TUM PNG at 5000 units per metre) it runs
 ``dfx predict`` on the colour image (the 16-bit depth PNG and picture it writes) and ``dfx eval``
 on the pair as a one-line file list with that pair's ``data.depth_encoding`` / ``depth_scale``
 (input at 480x640, no crop), then draws colour image | predicted depth | ground truth (the same
 colour map and range, taken from the ground truth's inverse depth; black = no return) in one row
-per pair, and prints a markdown table of the metrics.
+per pair, and prints a markdown table of the metrics. ``--shapes-out``: the same three columns for
+the first six validation images of the run's own data (shapes-depth), side by side.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a depth run directory or checkpoint")
     parser.add_argument("--samples", default="../shared/data/rgbd-samples")
-    parser.add_argument("--out", default="docs/depth_real_pairs.png")
+    parser.add_argument("--out", default="docs/depth_real_pairs.jpg")
+    parser.add_argument("--shapes-out", default="docs/depth_shapes.jpg")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     samples = Path(args.samples)
@@ -80,7 +83,10 @@ def main(argv=None) -> dict:
     width = min(r.shape[1] for r in rows)
     figure = np.concatenate([np.asarray(Image.fromarray(r).resize((width, r.shape[0] * width // r.shape[1])))
                              for r in rows], axis=0)
-    Image.fromarray(figure).resize((figure.shape[1] // 2, figure.shape[0] // 2), Image.LANCZOS).save(args.out)
+    Image.fromarray(figure).resize((figure.shape[1] // 2, figure.shape[0] // 2), Image.LANCZOS).save(args.out,
+                                                                                                   quality=85)
+    if args.shapes_out:
+        own_data_figure(args.run, args.shapes_out)
     keys = ("AbsRel", "RMSE", "RMSE_log", "d1")
     lines = [f"| pair | {' | '.join(keys)} |", "|---|" + "---:|" * len(keys)]
     lines += [f"| {n} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |" for n, m in table.items()]
@@ -89,6 +95,27 @@ def main(argv=None) -> dict:
     if args.json:
         print(json.dumps(report))
     return report
+
+
+def own_data_figure(run: str, out: str, count: int = 6) -> None:
+    """Image | prediction | ground truth for the first ``count`` validation images, 4x nearest-upscaled."""
+    import torch
+
+    from dfx.models import build
+
+    recipe, task, model, _ = build(run)
+    dataset = task.dataset("val")
+    mean = torch.tensor(recipe.data.mean).view(3, 1, 1)
+    std = torch.tensor(recipe.data.std).view(3, 1, 1)
+    columns = []
+    with torch.no_grad():
+        for index in range(count):
+            image, truth = dataset[index]
+            predicted = model(image[None])[0, 0].numpy()
+            pixels = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            columns.append(np.concatenate([pixels, *colour_pair(predicted, truth.numpy())], axis=0))
+    figure = np.concatenate(columns, axis=1)
+    Image.fromarray(figure).resize((figure.shape[1] * 3, figure.shape[0] * 3), Image.NEAREST).save(out, quality=90)
 
 
 def _value(text: str):
