@@ -211,6 +211,8 @@ def test_bad_hooks_are_a_usage_error():
         build_dpt(depth_recipe(model={"hooks": [0, 1, 2, 9]}).model)
     with pytest.raises(UsageError, match="strictly increase"):
         build_dpt(depth_recipe(model={"hooks": [0, 0, 1, 2]}).model)
+    with pytest.raises(UsageError, match="'resnet18' is not a timm ViT"):
+        build_dpt(depth_recipe(model={"name": "resnet18", "kwargs": {}}).model)
     with pytest.raises(UsageError, match="model.reassemble"):
         depth_recipe(model={"reassemble": [8, 16]})
 

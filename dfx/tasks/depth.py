@@ -139,15 +139,18 @@ def build_dpt(m: ModelConfig) -> DPT:
     kwargs = {"dynamic_img_size": True, **m.kwargs, "num_classes": 0}
     if m.drop_path_rate:
         kwargs["drop_path_rate"] = m.drop_path_rate
+    not_a_vit = UsageError(f"model.name: {m.name!r} is not a timm ViT with a class token; DPT taps blocks of a "
+                           "VisionTransformer such as vit_base_patch16_384, vit_large_patch16_384 or "
+                           "vit_base_r50_s16_384")
     try:
         backbone = hub.create_timm_model(m.name, pretrained=None if m.weights else m.pretrained, **kwargs)
     except TypeError as e:
+        if "dynamic_img_size" in str(e) and "dynamic_img_size" not in m.kwargs:  # a CNN or another family
+            raise not_a_vit from None
         raise UsageError(f"model.kwargs: {e}") from None
     if not (hasattr(backbone, "forward_intermediates") and hasattr(backbone, "blocks")
             and getattr(backbone, "cls_token", None) is not None):
-        raise UsageError(f"model.name: {m.name!r} is not a timm ViT with a class token; DPT taps blocks of a "
-                         "VisionTransformer such as vit_base_patch16_384, vit_large_patch16_384 or "
-                         "vit_base_r50_s16_384")
+        raise not_a_vit
     paper = PAPER_CONFIGS.get(m.name, {}) if not m.kwargs else {}  # kwargs change the sizes: no paper values
     hooks = m.hooks or paper.get("hooks") or default_hooks(len(backbone.blocks), is_hybrid(backbone))
     widths = m.reassemble or paper.get("reassemble") or default_reassemble(backbone.embed_dim)
