@@ -265,9 +265,14 @@ class ClassificationPredictor(Predictor):
 PREDICTORS = {"detection": DetectionPredictor, "segmentation": SegmentationPredictor, "fusion": FusionPredictor,
               "classification": ClassificationPredictor, "distillation": ClassificationPredictor}
 
-from dfx.predict_depth import DepthPredictor  # noqa: E402 -- it subclasses Predictor, defined above
 
-PREDICTORS["depth"] = DepthPredictor
+def _depth_predictor(recipe, classes, conf, out) -> Predictor:
+    from dfx.predict_depth import DepthPredictor  # it subclasses Predictor: imported once this module is whole
+
+    return DepthPredictor(recipe, classes, conf, out)
+
+
+PREDICTORS["depth"] = _depth_predictor
 
 
 def _colours(count: int) -> np.ndarray:
