@@ -441,3 +441,22 @@ def test_relative_model_trains_ssi_on_inverse_depth_and_metric_model_silog():
     loss, _ = metric.loss(lambda x: prediction.detach() + 1, (images, target, torch.tensor([gt.shape])))
     expected = silog_loss(prediction.detach()[:, 0] + 1, target, mask, variance_focus=0.5, scale=1.0)
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_hybrid_taps_survive_a_deep_copy():
+    """EMA deep-copies the model: the copy's hooks must fill the copy's taps, not the original's."""
+    import copy
+
+    kwargs, hooks, widths = BACKBONES["vit_base_r50_s16_384"]
+    recipe = depth_recipe(model={"name": "vit_base_r50_s16_384", "kwargs": {**kwargs, "depth": 2}, "hooks": [0, 1, 0, 1],
+                                 "reassemble": widths, "features": 8})
+    model = build_dpt(recipe.model).eval()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+        images = torch.randn(1, 3, 32, 32)
+        a, b = model(images), twin(images)
+    assert a.shape == b.shape == (1, 1, 32, 32) and not torch.allclose(a, b)
+    stage = model.backbone.patch_embed.backbone.stages[0]
+    assert "dpt_output" not in stage.__dict__  # taken, not kept alive between calls

@@ -36,6 +36,12 @@ PAPER_CONFIGS = {
     "vit_base_r50_s16_384": {"hooks": [0, 1, 8, 11], "reassemble": [256, 512, 768, 768]},
 }
 OUTPUTS = ("metric", "inverse", "relative")
+KEPT = "dpt_output"  # where a tapped CNN stage's forward hook leaves its output, until taps() takes it
+
+
+def _keep_output(module: nn.Module, inputs, output: Tensor) -> None:
+    # the output is kept on the stage itself, not on the DPT, so a deep copy (EMA) taps its own stages
+    module.__dict__[KEPT] = output
 
 
 def is_hybrid(backbone: nn.Module) -> bool:
@@ -177,9 +183,9 @@ class DPT(nn.Module):
             widths = [info["num_chs"] for info in cnn.feature_info if info["module"].startswith("stages.")]
             if any(not 0 <= s < len(widths) for s in stages):
                 raise ValueError(f"hooks {hooks}: a hybrid's first two taps are CNN stages in [0, {len(widths)})")
-            self._cnn_maps: dict[int, Tensor] = {}
-            for slot, stage in enumerate(stages):
-                cnn.stages[stage].register_forward_hook(self._keep(slot))
+            self.cnn_stages = stages
+            for stage in stages:
+                cnn.stages[stage].register_forward_hook(_keep_output)
             in_channels = [widths[s] for s in stages] + list(reassemble[2:])
             self.reassemble = nn.ModuleList([nn.Identity(), nn.Identity(),
                                              *(Reassemble(width, reassemble[i], factors[i]) for i in (2, 3))])
@@ -191,11 +197,6 @@ class DPT(nn.Module):
         self.fusion = nn.ModuleList([FusionBlock(features) for _ in range(4)])
         self.head = DepthHead(features)
 
-    def _keep(self, slot: int):
-        def hook(module, inputs, output):
-            self._cnn_maps[slot] = output
-        return hook
-
     def taps(self, images: Tensor) -> list[Tensor]:
         """The four maps after reassembly, finest first: [B, reassemble[i], H/4, W/4] ... [B, ., H/32, W/32]."""
         vit_hooks = self.hooks[2:] if self.hybrid else self.hooks
@@ -204,7 +205,8 @@ class DPT(nn.Module):
         maps = [module(grid, prefix[:, :1]) for module, (grid, prefix)
                 in zip(self.reassemble[4 - len(taps):], taps)]
         if self.hybrid:
-            maps = [self._cnn_maps.pop(0), self._cnn_maps.pop(1), *maps]
+            stages = [self.backbone.patch_embed.backbone.stages[s] for s in self.cnn_stages]
+            maps = [*(stage.__dict__.pop(KEPT) for stage in stages), *maps]
         return maps
 
     def forward_features(self, images: Tensor) -> Tensor:
