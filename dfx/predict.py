@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from dfx.errors import UsageError
+from dfx.predict_depth import DepthPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -263,16 +264,8 @@ class ClassificationPredictor(Predictor):
 
 
 PREDICTORS = {"detection": DetectionPredictor, "segmentation": SegmentationPredictor, "fusion": FusionPredictor,
-              "classification": ClassificationPredictor, "distillation": ClassificationPredictor}
-
-
-def _depth_predictor(recipe, classes, conf, out) -> Predictor:
-    from dfx.predict_depth import DepthPredictor  # it subclasses Predictor: imported once this module is whole
-
-    return DepthPredictor(recipe, classes, conf, out)
-
-
-PREDICTORS["depth"] = _depth_predictor
+              "classification": ClassificationPredictor, "distillation": ClassificationPredictor,
+              "depth": DepthPredictor}
 
 
 def _colours(count: int) -> np.ndarray:

@@ -8,6 +8,9 @@
 * ``images/<stem>.png``: the image and its depth side by side, depth colour-mapped (magma,
   near = bright) between the 2nd and 98th percentiles of the image's inverse depth.
 * the JSON line: the files and the predicted depth's min / median / max (metres, metric models).
+
+:class:`DepthPredictor` has the interface of dfx.predict's per-task Predictors (load, run, write,
+finish) without importing that module, which lists it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dfx.predict import Predictor, read_image
 
 MM_PER_METRE = 1000.0
 
@@ -33,17 +35,20 @@ def colourize(inverse_depth: np.ndarray) -> np.ndarray:
     return (colormaps["magma"](scaled)[..., :3] * 255).round().astype(np.uint8)
 
 
-class DepthPredictor(Predictor):
-    def __init__(self, recipe, classes, conf, out):
+class DepthPredictor:
+    def __init__(self, recipe, classes, conf, out: Path):
         from dfx.data.depth_pairs import DepthTransform
 
-        super().__init__(recipe, classes, conf, out)
+        self.recipe, self.out = recipe, out
+        self.stems: dict[str, int] = {}  # stem -> how many images had it (photos/a.jpg, scans/a.png)
         data = recipe.data
         self.transform = DepthTransform(data.size, False, mean=data.mean, std=data.std)
         self.metric = recipe.model.output != "relative"
 
     def load(self, paths):
-        picture = np.asarray(read_image(paths[0]))
+        from dfx.data.images import load_rgb
+
+        picture = np.asarray(load_rgb(paths[0]))
         tensor, _ = self.transform(picture, np.zeros(picture.shape[:2], dtype=np.float32))
         return picture, tensor
 
@@ -53,7 +58,8 @@ class DepthPredictor(Predictor):
                 .cpu().numpy() for one, picture in zip(maps, pictures)]
 
     def write(self, paths, picture, output):
-        name = self.unique_stem(paths[0])
+        seen = self.stems[paths[0].stem] = self.stems.get(paths[0].stem, 0) + 1
+        name = paths[0].stem if seen == 1 else f"{paths[0].stem}-{seen}"
         (self.out / "depth").mkdir(exist_ok=True)
         if self.metric:
             raw = np.clip(np.round(output * MM_PER_METRE), 0, 65535).astype(np.uint16)

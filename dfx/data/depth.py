@@ -50,8 +50,8 @@ class DepthFormat:
 
 class DepthDataSection:
     """What a recipe ``data`` section with ``image_size`` (int or [height, width]), ``depth_encoding`` /
-    ``depth_scale`` / ``depth_max``, ``scale`` / ``ratio`` / ``hflip`` and ``mean`` / ``std`` fields derives
-    from them and how it checks them (the fusion and depth tasks' sections)."""
+    ``depth_scale`` / ``depth_max`` and ``mean`` / ``std`` fields derives from them and how it checks
+    them (the fusion and depth tasks' sections)."""
 
     @property
     def depth(self) -> DepthFormat:
@@ -62,10 +62,7 @@ class DepthDataSection:
         return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
 
     def check_size_and_depth(self, prefix: str) -> None:
-        """Validate image_size, the depth fields, the crop augmentation (scale, ratio, hflip) and mean/std."""
-        from dfx.tasks.segmentation import check_crop_augmentation
-
-        check_crop_augmentation(prefix, self.scale, self.ratio, self.hflip)
+        """Validate image_size, the depth fields and mean/std."""
         if len(self.mean) != 3 or len(self.std) != 3:
             raise UsageError(f"{prefix}.mean/std: expected three values (every image is read as 3 channels)")
         size = [self.image_size] if isinstance(self.image_size, int) else self.image_size

@@ -34,6 +34,7 @@ from dfx.recipe import EvalConfig as BaseEvalConfig
 from dfx.recipe import TrainConfig as BaseTrainConfig
 from dfx.recipe import WeightsConfig
 from dfx.tasks.classification import data_root
+from dfx.tasks.segmentation import check_crop_augmentation
 from dfx.weights import load_recipe_weights
 
 
@@ -99,6 +100,7 @@ class DataConfig(DepthDataSection):
 
     def validate(self, prefix: str) -> None:
         self.check_size_and_depth(prefix)
+        check_crop_augmentation(prefix, self.scale, self.ratio, self.hflip)
 
 
 @dataclass

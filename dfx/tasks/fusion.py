@@ -40,7 +40,7 @@ from dfx.recipe import TrainConfig as BaseTrainConfig
 from dfx.recipe import WeightsConfig
 from dfx.recipe import load_recipe
 from dfx.tasks.classification import agreed_classes, data_root
-from dfx.tasks.segmentation import EvalConfig, Evaluator
+from dfx.tasks.segmentation import EvalConfig, Evaluator, check_crop_augmentation
 
 Fusion = Literal["none", "concat", "exchange", "cross-attn", "gemini"]
 Variant = Literal["b0", "b1", "b2", "b3", "b4", "b5"]
@@ -124,6 +124,7 @@ class DataConfig(DepthDataSection):
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise UsageError(f"{prefix}.modalities: expected distinct folder names, got {self.modalities}")
         self.check_size_and_depth(prefix)
+        check_crop_augmentation(prefix, self.scale, self.ratio, self.hflip)
 
 
 @dataclass
