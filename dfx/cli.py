@@ -364,13 +364,16 @@ def data_check(
     debug: DebugOption = False,
 ) -> None:
     """Read a detection dataset the way training will: format, splits, boxes per class, image sizes and
-    every problem (exit 1 when training would fail).
+    every problem (exit 1 when training would fail). Depth data (a depth recipe, or ROOT task=depth):
+    pairs, valid fraction, depth range and a unit guess.
 
     Examples:
 
       dfx data check ../shared/data/chess-pieces-coco
 
       dfx data check recipes/hdetr.yaml data.root=/data/coco --json
+
+      dfx data check recipes/dpt-nyu.yaml data.root=/data/nyu
     """
     items = list(overrides or [])
     if target is not None and "=" in target and not Path(target).exists():  # only overrides given
@@ -390,6 +393,17 @@ def data_check(
 
 
 def _show_data_report(report: dict) -> None:
+    if report.get("task") == "depth":
+        from dfx.data.depth_check import report_lines
+
+        for line in report_lines(report):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+        for problem in report["problems"]:
+            level = "[bold red]error[/]" if problem["fatal"] else "[yellow]warning[/]"
+            out.print(f"{level} {problem['split']}: {escape(problem['detail'])}", highlight=False, soft_wrap=True)
+        out.print("ok: training can read this data" if report["ok"] else "[bold red]training would fail on this data[/]",
+                  highlight=False)
+        return
     out.print(f"{report['root'] or 'explicit paths'}: format {report['format']}, {len(report['classes'])} classes",
               highlight=False)
     table = Table(show_header=True)
@@ -772,7 +786,7 @@ def predict(
             names = ", ".join(Path(s["file"]).name for s in result["skipped_files"][:5])
             counts += f"; skipped {result['skipped']} ({names}{', ...' if result['skipped'] > 5 else ''})"
         out.print(f"{counts} in {result['elapsed_s']:.1f} s -> {result['out']}", highlight=False)
-        _print_files(result, ("predictions", "results", "labels", "pictures"))
+        _print_files(result, ("predictions", "results", "labels", "depth", "pictures"))
 
     run(work, json_out=json_out, debug=debug, quiet=quiet, show=show)
 

@@ -170,11 +170,11 @@ def scale_of(metric: str) -> float:
 
 def reading_line(name: str, baseline: str, diff: dict, metric: str) -> str:
     """``"B − A = +1.9 AP [0.8, 3.0], 8 seeds: better"``."""
-    k = scale_of(metric)
     if diff["mean"] is None:
         return f"{name} − {baseline}: no seed finished for both"
-    interval = f" [{k * diff['low']:.1f}, {k * diff['high']:.1f}]" if diff["low"] is not None else ""
-    return (f"{name} − {baseline} = {k * diff['mean']:+.1f} {metric}{interval}, {diff['n']} seed"
+    interval = (f" [{format_metric(diff['low'], metric)}, {format_metric(diff['high'], metric)}]"
+                if diff["low"] is not None else "")
+    return (f"{name} − {baseline} = {format_metric(diff['mean'], metric, signed=True)} {metric}{interval}, {diff['n']} seed"
             f"{'s' if diff['n'] != 1 else ''}: {diff['reading']}")
 
 
@@ -360,8 +360,12 @@ def _shape(x):
 # report
 
 
-def format_metric(value: float | None, metric: str) -> str:
-    return "-" if value is None else f"{scale_of(metric) * value:.1f}"
+def format_metric(value: float | None, metric: str, signed: bool = False) -> str:
+    """Points with one decimal for fractions (AP 45.2); three decimals for the others (AbsRel 0.112, RMSE 0.357)."""
+    if value is None:
+        return "-"
+    k = scale_of(metric)
+    return f"{k * value:{'+' if signed else ''}.{1 if k != 1 else 3}f}"
 
 
 def sub_metrics(report: dict, most: int = 4) -> list[str]:
@@ -375,7 +379,8 @@ def markdown(report: dict) -> str:
     """The table: per variant mean ± std [min, max] over seeds, its parts (e.g. per-stream mIoU),
     cost, and the paired difference."""
     metric, parts = report["metric"], sub_metrics(report)
-    lines = [f"| variant | {metric} mean ± std | range | seeds | " + "".join(f"{p} | " for p in parts)
+    lower = " (lower is better)" if report.get("mode") == "min" else ""
+    lines = [f"| variant | {metric}{lower} mean ± std | range | seeds | " + "".join(f"{p} | " for p in parts)
              + "Δ vs first [95% CI] | reading | params (M) | GFLOPs | latency (ms) | train (s/run) |",
              "|---|---:|---:|---:|" + "---:|" * len(parts) + "---:|---|---:|---:|---:|---:|"]
     for i, row in enumerate(report["rows"]):
@@ -388,9 +393,9 @@ def markdown(report: dict) -> str:
         elif d["mean"] is None:
             delta, reading = "-", d["reading"]
         else:
-            k = scale_of(metric)
-            ci = f" [{k * d['low']:+.1f}, {k * d['high']:+.1f}]" if d["low"] is not None else ""
-            delta, reading = f"{k * d['mean']:+.1f}{ci}", d["reading"]
+            ci = (f" [{format_metric(d['low'], metric, True)}, {format_metric(d['high'], metric, True)}]"
+                  if d["low"] is not None else "")
+            delta, reading = f"{format_metric(d['mean'], metric, True)}{ci}", d["reading"]
         cost = [f"{row[c]:.3g}" if row.get(c) is not None else "-" for c in ("params_m", "gflops", "latency_ms")]
         wall = f"{row['wall_s']:.0f}" if row.get("wall_s") is not None else "-"
         means = [format_metric(row.get("metrics_mean", {}).get(p), metric) for p in parts]

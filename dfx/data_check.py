@@ -1,4 +1,5 @@
-"""``dfx data check``: read a detection dataset the way training will and report what is in it.
+"""``dfx data check``: read a detection dataset the way training will and report what is in it
+(depth data: dfx.data.depth_check, for a depth recipe or ``task=depth``).
 
 The report names the format, each split's images and boxes (per class), image sizes, and every
 problem found. A problem is ``fatal`` when training would fail on it (with the recipe's
@@ -28,8 +29,9 @@ def detection_recipe(target: str | Path | None, overrides=()):
     if target is not None and target.suffix in (".yaml", ".yml") and target.is_file() and \
             "names" not in read_yaml(target):  # a YOLO data.yaml has names; a recipe has task and sections
         recipe = load_recipe(target, list(overrides))
-        if recipe.task != "detection":
-            raise UsageError(f"{target}: dfx data check reads detection data; this recipe's task is {recipe.task}")
+        if recipe.task not in ("detection", "depth"):
+            raise UsageError(f"{target}: dfx data check reads detection and depth data; this recipe's task is "
+                             f"{recipe.task}")
         return recipe
     tree = {"task": "detection"} if target is None else {"task": "detection", "data": {"root": str(target)}}
     return build_recipe(apply_overrides(tree, list(overrides)), name="data-check")
@@ -44,6 +46,10 @@ def check_data(target: str | Path | None, overrides=(), decode: bool = True, pro
     from dfx.tasks.detection import Task
 
     recipe = detection_recipe(target, overrides)
+    if recipe.task == "depth":
+        from dfx.data.depth_check import check_depth
+
+        return check_depth(recipe, decode=decode, progress=progress)
     task, problems = Task(recipe), []
     skip = recipe.data.skip_invalid
     try:

@@ -11,6 +11,7 @@ opset 17; the torch.export-based one needs onnxscript and more). Inputs and outp
 * fusion: one input per modality, named after it, ``[B, 3, H, W]`` -> ``logits [B, K, H, W]``
   (the ensemble);
 * classification: ``images [B, 3, S, S]`` -> ``logits [B, K]``.
+* depth: ``images [B, 3, H, W]`` -> ``depth [B, 1, H, W]`` (metres, or relative inverse depth).
 
 H and W are fixed at export (``image_size``; detection pads smaller images and marks the padding
 in ``mask``); ``dynamic_batch`` leaves B free. Inputs are normalised as the recipe's data section
@@ -74,7 +75,7 @@ def _input_size(recipe, image_size: list[int] | None) -> tuple[int, int]:
     data = recipe.data
     if recipe.task == "detection":
         return (max(data.scales), max(data.scales))
-    if recipe.task == "fusion":
+    if recipe.task in ("fusion", "depth"):
         return tuple(data.size)
     return (data.image_size, data.image_size)
 
@@ -151,12 +152,12 @@ def export(weights: str | os.PathLike, *, format: str = "onnx", out: str | os.Pa
         raise UsageError(f"{weights}: a recipe exports the weights named by model.weights; pass model.weights=FILE, "
                          "or a run directory or dfx checkpoint")
     graphs = {"detection": DetectionGraph, "fusion": FusionGraph}
-    if recipe.task not in ("detection", "fusion", "segmentation", "classification", "distillation"):
+    if recipe.task not in ("detection", "fusion", "segmentation", "classification", "distillation", "depth"):
         raise UsageError(f"dfx export does not handle task {recipe.task!r}")
     graph = graphs.get(recipe.task, lambda m: m)(model.float().cpu()).eval()
     size = _input_size(recipe, image_size)
     names, inputs, source = example_inputs(recipe, size, image, modalities)
-    outputs = ["pred_logits", "pred_boxes"] if recipe.task == "detection" else ["logits"]
+    outputs = {"detection": ["pred_logits", "pred_boxes"], "depth": ["depth"]}.get(recipe.task, ["logits"])
     path = Path(out) if out is not None and Path(out).suffix == ".onnx" else \
         new_run_dir("export", recipe.name, out, resumable=False) / "model.onnx"
     if path.exists():

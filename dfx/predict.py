@@ -12,6 +12,8 @@ SOURCE is image files, folders or globs. Everything goes to ``runs/predict/<name
   (each class's share of the pixels);
 * classification: the JSON lines (top-5 classes and scores) and ``images/`` (the top class written
   on the image).
+* depth: ``depth/<stem>.png`` (uint16 millimetres) and ``images/`` (the image beside its
+  colour-mapped depth); see dfx.predict_depth.
 
 Fusion reads one source per modality: SOURCE is the first of ``data.modalities``, ``modalities``
 gives the others (``{"depth": ["DIR"]}``); files are paired by name (stem), else in sorted order.
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from dfx.errors import UsageError
+from dfx.predict_depth import DepthPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +264,8 @@ class ClassificationPredictor(Predictor):
 
 
 PREDICTORS = {"detection": DetectionPredictor, "segmentation": SegmentationPredictor, "fusion": FusionPredictor,
-              "classification": ClassificationPredictor, "distillation": ClassificationPredictor}
+              "classification": ClassificationPredictor, "distillation": ClassificationPredictor,
+              "depth": DepthPredictor}
 
 
 def _colours(count: int) -> np.ndarray:

@@ -40,6 +40,7 @@ from dfx.errors import UsageError
 # Task name -> module defining it. A plain table, read lazily: importing dfx registers nothing.
 TASK_MODULES = {
     "classification": "dfx.tasks.classification",
+    "depth": "dfx.tasks.depth",
     "detection": "dfx.tasks.detection",
     "distillation": "dfx.tasks.distillation",
     "fusion": "dfx.tasks.fusion",

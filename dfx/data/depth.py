@@ -48,6 +48,31 @@ class DepthFormat:
                              f"{self.max_metres}")
 
 
+class DepthDataSection:
+    """What a recipe ``data`` section with ``image_size`` (int or [height, width]), ``depth_encoding`` /
+    ``depth_scale`` / ``depth_max`` and ``mean`` / ``std`` fields derives from them and how it checks
+    them (the fusion and depth tasks' sections)."""
+
+    @property
+    def depth(self) -> DepthFormat:
+        return DepthFormat(self.depth_encoding, self.depth_scale, self.depth_max)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+
+    def check_size_and_depth(self, prefix: str) -> None:
+        """Validate image_size, the depth fields and mean/std."""
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise UsageError(f"{prefix}.mean/std: expected three values (every image is read as 3 channels)")
+        size = [self.image_size] if isinstance(self.image_size, int) else self.image_size
+        if len(size) not in (1, 2) or min(size) < 1:
+            raise UsageError(f"{prefix}.image_size: expected a size or [height, width] in pixels, got {self.image_size}")
+        if not self.depth_scale > 0 or not self.depth_max > 0:
+            raise UsageError(f"{prefix}.depth_scale / depth_max: expected positive numbers (units per metre, "
+                             f"metres), got {self.depth_scale} / {self.depth_max}")
+
+
 def raw_to_metres(raw: np.ndarray, depth: DepthFormat) -> np.ndarray:
     """``[H, W]`` raw values (as PIL reads them) -> float32 metres, 0 where there is no depth."""
     if depth.encoding == "nyu-raw":
@@ -95,3 +120,23 @@ def read_depth_metres(path: Path, depth: DepthFormat = DepthFormat()) -> np.ndar
             raise UsageError(f"{path}: image mode {image.mode!r} holds no raw depth; expected a 16/32-bit "
                              f"single-channel image ({', '.join(DEPTH_MODES)})")
         return raw_to_metres(np.asarray(image), depth)
+
+
+def read_depth_target(path: Path, depth: DepthFormat = DepthFormat()) -> np.ndarray:
+    """A depth map as float32 metres ``[H, W]`` (0 = no depth), for training and scoring depth models.
+
+    16/32-bit single-channel files are raw depth (:func:`raw_to_metres`); an 8-bit grey file is
+    read on the 8-bit depth PNG scale, ``metres = value * depth.max_metres / 255``. Colour files are
+    refused: they hold no depth.
+    """
+    try:
+        with Image.open(path) as image:
+            if image.mode in DEPTH_MODES:
+                return raw_to_metres(np.asarray(image), depth)
+            if image.mode == "L":
+                return np.asarray(image, dtype=np.float32) * np.float32(depth.max_metres / 255.0)
+            mode = image.mode
+    except (OSError, UnidentifiedImageError) as e:
+        raise UsageError(f"cannot read depth {path}: {e}; remove or replace the file") from None
+    raise UsageError(f"{path}: image mode {mode!r} holds no depth; expected a 16/32-bit single-channel image "
+                     f"({', '.join(DEPTH_MODES)}) or an 8-bit grey depth PNG")

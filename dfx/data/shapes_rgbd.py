@@ -30,6 +30,9 @@ from PIL import Image, ImageDraw
 from dfx.data.shapes import SHAPES, place_apart, shape_polygon, textured_background
 
 SHAPES_RGBD_VERSION = 1
+SHAPES_DEPTH_VERSION = 2
+DEPTH_SET_MAX = 10.0  # shapes-depth: an 8-bit depth value v is v * 10 / 255 metres
+AIRLIGHT = 220.0  # the haze's colour (grey) in shapes-depth
 RGBD_CLASSES = ("background", "red", "lime", "cyan", "violet")
 MODALITIES = ("rgb", "depth", "event", "lidar")
 
@@ -48,9 +51,9 @@ def _mask(polygon, size: int) -> np.ndarray:
 
 
 def _scene(rng: np.random.Generator, big: int, radius: tuple[float, float], max_objects: int,
-           camouflage: float, decoy: float) -> dict:
+           camouflage: float, decoy: float, wall_brightness: tuple[float, float] = (30, 200)) -> dict:
     """One scene at ``big`` x ``big``: rgb uint8 [H, W, 3], depth float [H, W], label, motion masks."""
-    rgb = textured_background(rng, big, big, brightness=(30, 200)).astype(np.float32)
+    rgb = textured_background(rng, big, big, brightness=wall_brightness).astype(np.float32)
     yy, xx = np.mgrid[0:big, 0:big].astype(np.float32) / big
     depth = rng.uniform(50, 90) + rng.uniform(-30, 30) * xx + rng.uniform(-30, 30) * yy  # a tilted wall
     label = np.zeros((big, big), dtype=np.uint8)
@@ -86,12 +89,18 @@ def _scene(rng: np.random.Generator, big: int, radius: tuple[float, float], max_
 
 def generate_shapes_rgbd(folder: Path, seed: int = 0, train_images: int = 1000, val_images: int = 250,
                          size: int = 64, radius: tuple[float, float] = (0.16, 0.28), max_objects: int = 3,
-                         camouflage: float = 0.5, decoy: float = 0.6) -> dict:
+                         camouflage: float = 0.5, decoy: float = 0.6, haze: float = 0.0,
+                         wall_brightness: tuple[float, float] = (30, 200)) -> dict:
     """Write ``shapes-rgbd`` into ``folder`` (see the module docstring); returns its metadata.
 
     ``camouflage``: share of objects camouflaged in RGB; ``decoy``: chance that a scene holds a
-    decoy. Drawn at 2x and downsampled (Lanczos for images, nearest for labels); ids
-    ``train-00000``, ``val-00000``, ...; train and val use disjoint random streams.
+    decoy. ``haze`` (per metre, reading the 8-bit depth as ``value * 10 / 255`` metres): RGB seen
+    through scattering air, ``rgb * T + 220 * (1 - T)`` with transmission ``T = exp(-haze *
+    metres)`` (Koschmieder's law), so that RGB alone tells how far a pixel is (the embedded depth
+    set, ``shapes-depth``); 0 leaves RGB as drawn. ``wall_brightness``: the range of the wall
+    texture's base colour (a narrow range makes the haze over it readable). Drawn at 2x and downsampled (Lanczos for images,
+    nearest for labels); ids ``train-00000``, ``val-00000``, ...; train and val use disjoint random
+    streams.
     """
     big = size * 2
     for name in (*MODALITIES, "labels"):
@@ -101,8 +110,11 @@ def generate_shapes_rgbd(folder: Path, seed: int = 0, train_images: int = 1000, 
         rng = np.random.default_rng([SHAPES_RGBD_VERSION, split_seed, 11])  # 11: a stream of its own
         ids = [f"{split}-{index:05d}" for index in range(count)]
         for sample_id in ids:
-            scene = _scene(rng, big, radius, max_objects, camouflage, decoy)
+            scene = _scene(rng, big, radius, max_objects, camouflage, decoy, wall_brightness)
             depth = np.clip(scene["depth"] + rng.normal(0, 3, size=scene["depth"].shape), 0, 255)
+            if haze > 0:
+                transmission = np.exp(-haze * np.clip(scene["depth"], 0, 255) * (DEPTH_SET_MAX / 255))[..., None]
+                scene["rgb"] = scene["rgb"] * transmission + AIRLIGHT * (1 - transmission)
             event = np.clip(128 + 110 * scene["moved"] + rng.normal(0, 6, size=depth.shape), 0, 255)
             lidar = np.zeros_like(depth)
             # scan lines every 6 rows at 2x (3 px at full size), on the odd rows that nearest-neighbour
@@ -122,4 +134,15 @@ def generate_shapes_rgbd(folder: Path, seed: int = 0, train_images: int = 1000, 
                 folder / "labels" / f"{sample_id}.png", optimize=False)
         (folder / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     return {"classes": list(RGBD_CLASSES), "modalities": list(MODALITIES), "train_images": train_images,
-            "val_images": val_images, "size": size, "seed": seed, "camouflage": camouflage, "decoy": decoy}
+            "val_images": val_images, "size": size, "seed": seed, "camouflage": camouflage, "decoy": decoy,
+            **({"haze": haze, "depth_max": DEPTH_SET_MAX, "wall_brightness": list(wall_brightness)}
+               if haze > 0 else {})}
+
+
+def generate_shapes_depth(folder: Path, seed: int = 0) -> dict:
+    """The embedded depth set ``shapes-depth``: shapes-rgbd scenes without camouflage or decoys, seen
+    through haze (0.3 per metre) over a wall of known darkness (texture base colour 50-70), so that
+    depth can be read from RGB: how far the haze has washed a pixel towards grey. Depth PNGs are 8-bit,
+    ``metres = value * 10 / 255`` (``data.depth_max: 10``): a tilted wall 0.8-4.7 m away with
+    objects 2.4-4.3 m behind its surface; no return (0) where the noise clips it."""
+    return generate_shapes_rgbd(folder, seed=seed, camouflage=0.0, decoy=0.0, haze=0.3, wall_brightness=(50, 70))

@@ -60,6 +60,8 @@ def build(source: str | os.PathLike, overrides: Iterable[str] = (), weights: str
     ``read_data``, from the dataset (evaluation); else from the recipe (:func:`recipe_classes`)."""
     recipe, meta = read_source(source, overrides, weights)
     task = task_module(recipe.task).Task(recipe)
+    if not getattr(task, "has_classes", True):  # a regression task (depth): no class list to find
+        return recipe, task, task.build_model().eval(), meta
     task.classes = (meta.get("info") or {}).get("classes")
     if task.classes is None and not read_data:
         task.classes = recipe_classes(recipe)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dfx import hub
-from dfx.data.depth import DepthFormat
+from dfx.data.depth import DepthDataSection
 from dfx.data.multimodal import MultiModalFolder, MultiModalTransform
 from dfx.data.segmentation import IGNORE_INDEX
 from dfx.errors import UsageError
@@ -91,7 +91,7 @@ class ModelConfig(WeightsConfig):
 
 
 @dataclass
-class DataConfig:
+class DataConfig(DepthDataSection):
     """A multi-modal segmentation root (or ``shapes-rgbd``) and the aligned augmentation.
 
     ``modalities``: folder names in the order the model reads them (the first is the primary
@@ -120,26 +120,11 @@ class DataConfig:
     depth_scale: float = 1000.0  # raw units per metre (linear): 1000 millimetres, 5000 TUM RGB-D
     depth_max: float = 10.0  # metres mapped to 255
 
-    @property
-    def depth(self) -> DepthFormat:
-        return DepthFormat(self.depth_encoding, self.depth_scale, self.depth_max)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
-
     def validate(self, prefix: str) -> None:
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise UsageError(f"{prefix}.modalities: expected distinct folder names, got {self.modalities}")
-        size = [self.image_size] if isinstance(self.image_size, int) else self.image_size
-        if len(size) not in (1, 2) or min(size) < 1:
-            raise UsageError(f"{prefix}.image_size: expected a size or [height, width] in pixels, got {self.image_size}")
+        self.check_size_and_depth(prefix)
         check_crop_augmentation(prefix, self.scale, self.ratio, self.hflip)
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise UsageError(f"{prefix}.mean/std: expected three values (every modality is read as 3 channels)")
-        if not self.depth_scale > 0 or not self.depth_max > 0:
-            raise UsageError(f"{prefix}.depth_scale / depth_max: expected positive numbers (units per metre, "
-                             f"metres), got {self.depth_scale} / {self.depth_max}")
 
 
 @dataclass
@@ -223,15 +208,7 @@ class Task:
 
     def param_groups(self, model: FusionSegmenter) -> list[dict]:
         """AdamW groups: no weight decay on 1-d tensors (norms, biases); decoder lr x decoder_lr_mult."""
-        t = self.recipe.train
-        groups: dict[tuple[bool, bool], list] = {}
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                decoder = not name.startswith("backbone.")
-                groups.setdefault((decoder, param.ndim > 1), []).append(param)
-        return [{"params": params, "weight_decay": t.weight_decay if decay else 0.0,
-                 "lr_scale": t.decoder_lr_mult if decoder else 1.0}
-                for (decoder, decay), params in sorted(groups.items())]
+        return decoder_param_groups(model, self.recipe.train.weight_decay, self.recipe.train.decoder_lr_mult)
 
     def loss(self, model, batch) -> tuple[Tensor, dict]:
         images, labels = batch
@@ -251,6 +228,19 @@ class Task:
 
     def evaluator(self) -> "FusionEvaluator":
         return FusionEvaluator(self.classes, stream_names(self.recipe.data.modalities, self.recipe.model.fusion))
+
+
+def decoder_param_groups(model, weight_decay: float, decoder_lr_mult: float) -> list[dict]:
+    """Optimizer groups of a model with a ``backbone``: no weight decay on 1-d tensors (norms, biases);
+    everything outside ``backbone.`` (the decoder) at ``lr_scale`` decoder_lr_mult."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            decoder = not name.startswith("backbone.")
+            groups.setdefault((decoder, param.ndim > 1), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             "lr_scale": decoder_lr_mult if decoder else 1.0}
+            for (decoder, decay), params in sorted(groups.items())]
 
 
 def recipe_key(key: str) -> str | None:
