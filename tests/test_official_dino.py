@@ -350,3 +350,191 @@ def test_the_heads_read_the_normalised_state_and_the_reference_the_raw_one():
             assert not torch.allclose(on_norm, on_raw, atol=1e-3)
             if layer + 1 < LAYERS:
                 torch.testing.assert_close(refs[layer + 1], on_raw, rtol=1e-5, atol=1e-6)
+
+
+# --- the other switches ---------------------------------------------------------------------------
+
+TINY_DINO = dict(num_classes=3, backbone="resnet10t", frozen_bn=False, dim=32, heads=4, levels=4, points=2,
+                 encoder_layers=1, decoder_layers=3, ffn_dim=64, dropout=0.0, one2one_queries=5, two_stage=True,
+                 box_refine=True, mixed_query_selection=True, look_forward_twice=True,
+                 two_stage_scoring="class_aware")
+TARGETS = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4]])},
+           {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+
+
+def test_encoder_loss_scores_only_the_selected_proposals():
+    """DINO's interm outputs: the encoder heads at the top-Q proposals (Q = one2one_queries), not every
+    token; the boxes keep their gradient to the encoder's box head."""
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 80)
+    every = DeformableDETR(DetectorConfig(**TINY_DINO)).train()
+    selected = DeformableDETR(DetectorConfig(**TINY_DINO, encoder_loss="selected")).train()
+    selected.load_state_dict(every.state_dict())
+    tokens = every(images)["enc_outputs"]
+    out = selected(images)["enc_outputs"]
+    assert tokens["pred_logits"].shape[1] > 100 and out["pred_logits"].shape == (2, 5, 3)
+    top = tokens["pred_logits"].max(-1).values.topk(5, dim=1).indices
+    torch.testing.assert_close(out["pred_logits"], torch.gather(tokens["pred_logits"], 1, top[..., None].expand(-1, -1, 3)))
+    torch.testing.assert_close(out["pred_boxes"], torch.gather(tokens["pred_boxes"], 1, top[..., None].expand(-1, -1, 4)))
+    out["pred_boxes"].sum().backward()
+    assert selected.enc_box_head.layers[-1].weight.grad.abs().sum() > 0
+
+
+def test_shared_heads_are_one_module_for_every_layer():
+    """DINO_4scale's dec_pred_{class,bbox}_embed_share: one head pair; moving its bias moves every layer's logits."""
+    model = DeformableDETR(DetectorConfig(**TINY_DINO, shared_heads=True)).eval()
+    per_layer = DeformableDETR(DetectorConfig(**TINY_DINO))
+    assert len(model.class_heads) == len(model.box_heads) == 1
+    assert len(per_layer.class_heads) == len(per_layer.box_heads) == 3
+    images = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        before = model(images)
+        model.class_heads[0].bias.add_(1.0)
+        after = model(images)
+    for a, b in zip([*before["aux_outputs"], before], [*after["aux_outputs"], after]):
+        torch.testing.assert_close(b["pred_logits"], a["pred_logits"] + 1.0)
+
+
+def test_content_queries_start_xavier_uniform_with_dino():
+    """DINO's tgt_embed is xavier-initialised by the transformer's reset (bound sqrt(6 / (Q + C)));
+    Deformable-DETR's mixed-selection queries keep nn.Embedding's N(0, 1)."""
+    torch.manual_seed(0)
+    config = {**TINY_DINO, "one2one_queries": 300, "dim": 256, "heads": 8}
+    xavier = DeformableDETR(DetectorConfig(**config, content_query_init="xavier")).content_queries.weight.detach()
+    normal = DeformableDETR(DetectorConfig(**config)).content_queries.weight.detach()
+    bound = math.sqrt(6 / (300 + 256))
+    assert xavier.abs().max() <= bound and xavier.std() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert normal.std() == pytest.approx(1.0, rel=0.05)
+
+
+def test_inverse_sigmoid_eps_reaches_the_box_refinement():
+    """A reference side of 1e-4: DINO's eps 1e-3 clamps its logit at log(1e-3), Deformable-DETR's 1e-5 does not."""
+    from dfx.detection.transformer import _refine
+
+    reference = torch.tensor([[[0.5, 0.5, 1e-4, 0.2]]])
+    delta = torch.zeros(1, 1, 4)
+    assert _refine(reference, delta, 1e-3)[0, 0, 2] == pytest.approx(1e-3 / (1 + 1e-3), rel=1e-4)
+    assert _refine(reference, delta)[0, 0, 2] == pytest.approx(1e-4, rel=1e-3)
+    decoder = DeformableDETR(DetectorConfig(**TINY_DINO, inverse_sigmoid_eps=1e-3)).decoder
+    assert decoder.eps == 1e-3
+
+
+def test_switch_errors_name_the_fix():
+    with pytest.raises(ValueError, match="query_position per_layer .* set two_stage: true"):
+        DetectorConfig(**{**TINY_DINO, "two_stage": False, "mixed_query_selection": False,
+                          "query_position": "per_layer"}).validate()
+    with pytest.raises(ValueError, match="encoder_loss selected .* set two_stage: true"):
+        DetectorConfig(**{**TINY_DINO, "two_stage": False, "mixed_query_selection": False,
+                          "encoder_loss": "selected"}).validate()
+    with pytest.raises(UsageError, match=r"model\.query_position: expected one of 'proposal', 'per_layer'"):
+        dfx.create_model(RECIPES / "dino.yaml", [*SMALL, "model.num_classes=80", "model.query_position=box"])
+
+
+# --- the recipes ----------------------------------------------------------------------------------
+
+def test_dino_recipe_is_the_reference_config():
+    """recipes/dino.yaml against config/DINO/DINO_4scale.py (+ the scripts' dn_box_noise_scale=1.0) and
+    recipes/dino-detrex.yaml against detrex's dino_r50_4scale_12ep."""
+    from dfx.recipe import load_recipe
+
+    official, detrex = load_recipe(RECIPES / "dino.yaml"), load_recipe(RECIPES / "dino-detrex.yaml")
+    m, t, loss = official.model, official.train, official.loss
+    assert (m.one2one_queries, m.one2many_queries, m.detections, m.ffn_dim, m.dropout, m.levels, m.points) == \
+        (900, 0, 300, 2048, 0.0, 4, 4)
+    assert (m.query_position, m.decoder_norm, m.encoder_loss, m.shared_heads, m.content_query_init) == \
+        ("per_layer", True, "selected", True, "xavier")
+    assert (m.two_stage, m.box_refine, m.mixed_query_selection, m.look_forward_twice, m.two_stage_scoring) == \
+        (True, True, True, True, "class_aware")
+    assert (m.inverse_sigmoid_eps, m.position_temperature, m.position_offset) == (1e-3, 20, 0.0)
+    assert (m.dn_queries, m.label_noise, m.box_noise, m.backbone_frozen_stages) == (100, 0.5, 1.0, 1)
+    assert (loss.class_weight, loss.bbox_weight, loss.giou_weight, loss.cost_class, loss.cost_bbox, loss.cost_giou) \
+        == (1.0, 5.0, 2.0, 2.0, 5.0, 2.0)
+    assert (t.lr, t.backbone_lr, t.offset_lr_mult, t.weight_decay, t.grad_clip, t.epochs, t.milestones,
+            t.batch_size, t.norm_weight_decay) == (1e-4, 1e-5, 1.0, 1e-4, 0.1, 12, [11], 16, None)
+    d, dt = detrex.model, detrex.train
+    assert (d.shared_heads, d.position_temperature, d.position_offset, d.box_noise, d.label_noise) == \
+        (False, 10000, -0.5, 1.0, 0.5)
+    assert (d.query_position, d.decoder_norm, d.encoder_loss, d.inverse_sigmoid_eps, d.detections) == \
+        ("per_layer", True, "selected", 1e-3, 300)
+    assert (dt.lr, dt.backbone_lr, dt.offset_lr_mult, dt.weight_decay, dt.norm_weight_decay) == \
+        (1e-4, 1e-5, 1.0, 1e-4, 0.0)
+
+
+def test_norm_parameters_skip_weight_decay_with_detrex(tmp_path):
+    """detrex: get_default_optimizer_params(weight_decay_norm=0) — LayerNorm and GroupNorm parameters
+    in groups of weight decay 0; IDEA-Research/DINO decays everything."""
+    from dfx.recipe import load_recipe
+    from dfx.tasks.detection import Task
+
+    decays = {}
+    for recipe in ("dino.yaml", "dino-detrex.yaml"):
+        task = Task(load_recipe(RECIPES / recipe, [*SMALL[:-1], "model.one2one_queries=5"]))
+        task.classes = [str(i) for i in range(80)]
+        model = task.build_model()
+        decay = {id(p): g.get("weight_decay") for g in task.param_groups(model) for p in g["params"]}
+        assert len(decay) == sum(1 for p in model.parameters() if p.requires_grad)
+        layer = model.decoder.layers[0]
+        decays[recipe] = [decay[id(p)] for p in (layer.norm1.weight, model.input_proj.layers[0][1].bias,
+                                                 model.decoder.norm.bias, layer.ffn[0].weight, layer.ffn[0].bias)]
+    # LayerNorm, GroupNorm, the decoder's norm; a linear weight and bias keep train.weight_decay (None)
+    assert decays == {"dino.yaml": [None] * 5, "dino-detrex.yaml": [0.0, 0.0, 0.0, None, None]}
+
+
+# --- the loader's errors --------------------------------------------------------------------------
+
+def test_a_checkpoint_of_another_detector_names_what_to_change(tmp_path):
+    args = dino_args()
+    dino = save_released(tmp_path / "dino.pth", dino_state_dict(args), args)
+    with pytest.raises(UsageError, match="DINO one .*use recipes/dino.yaml or set model.query_position=per_layer "
+                                         "model.decoder_norm=true"):
+        dfx.create_model(RECIPES / "hdetr.yaml", SMALL, weights=dino)
+    hdetr_args = official_args()
+    hdetr = save_released(tmp_path / "hdetr.pth", official_state_dict(hdetr_args), hdetr_args)
+    with pytest.raises(UsageError, match="model.query_position=proposal model.decoder_norm=false "
+                                         "model.shared_heads=false"):
+        dfx.create_model(RECIPES / "dino.yaml", SMALL, weights=hdetr)
+    _, detrex = detrex_state_dict(args)
+    file = tmp_path / "detrex.pth"
+    torch.save({"model": detrex}, file)
+    with pytest.raises(UsageError, match="detrex layout.*use recipes/dino-detrex.yaml or set model.shared_heads=false"):
+        dfx.create_model(RECIPES / "dino.yaml", SMALL, weights=file)
+
+
+def test_a_misshaped_dino_checkpoint_names_keys_and_shapes(tmp_path):
+    args = dino_args()
+    state = dino_state_dict(args)
+    del state["transformer.decoder.norm.bias"]
+    file = save_released(tmp_path / "broken.pth", state, args)
+    with pytest.raises(UsageError) as error:
+        dfx.create_model(RECIPES / "dino.yaml", [*SMALL[:-1], "model.one2one_queries=30"], weights=file)
+    text = str(error.value)
+    assert "missing decoder.norm.bias (256,)" in text and str(file) in text
+    assert "content_queries.weight: checkpoint (20, 256) vs model (30, 256)" in text
+
+
+@pytest.mark.slow  # a full-size R50 DINO-4scale
+@pytest.mark.parametrize("layout", ["dino", "detrex"])
+def test_full_size_released_dino_layouts_load_strictly(layout, tmp_path):
+    args = dino_args(backbone="resnet50", enc_layers=6, dec_layers=6, dim_feedforward=2048, enc_n_points=4,
+                     dec_n_points=4, num_queries_one2one=900)
+    if layout == "dino":
+        state = dino_state_dict(args)
+        file = save_released(tmp_path / "checkpoint0011_4scale.pth", state, args)
+        recipe = "dino.yaml"
+    else:
+        _, state = detrex_state_dict(args)
+        file = tmp_path / "dino_r50_4scale_12ep.pth"
+        torch.save({"model": state}, file)
+        recipe = "dino-detrex.yaml"
+    model = dfx.create_model(RECIPES / recipe, ["model.pretrained=null"], weights=file)
+    own = model.state_dict()
+    assert own["content_queries.weight"].shape == (900, 256)
+    assert torch.equal(own["decoder.ref_point_head.layers.0.weight"],
+                       state["transformer.decoder.ref_point_head.layers.0.weight"])
+    if layout == "dino":
+        assert len(model.class_heads) == 1 and torch.equal(own["class_heads.0.weight"], state["class_embed.5.weight"][COCO_IDS])
+        assert torch.equal(own["decoder.layers.5.norm1.weight"], state["transformer.decoder.layers.5.norm2.weight"])
+    else:
+        assert len(model.class_heads) == 6 and torch.equal(own["enc_class_head.weight"], state["class_embed.6.weight"])
+        assert torch.equal(own["backbone.body.layer4.2.bn3.running_var"], state["backbone.res5.2.conv3.norm.running_var"])
+        assert torch.equal(own["decoder.layers.5.norm1.weight"], state["transformer.decoder.layers.5.norms.0.weight"])

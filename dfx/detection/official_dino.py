@@ -113,11 +113,10 @@ def _check_architecture(state: Mapping[str, Tensor], config: DetectorConfig, kin
     """DINO's switches must be on in the recipe: the checkpoint's modules exist only then."""
     need = {"two_stage": True, "box_refine": True, "mixed_query_selection": "transformer.tgt_embed.weight" in state,
             "query_position": "per_layer", "decoder_norm": True, "two_stage_scoring": "class_aware"}
-    if kind == "dino":
-        shared = all(torch.equal(state[k], state[re.sub(r"^class_embed\.\d+", "class_embed.0", k)])
-                     for k in state if re.match(r"^class_embed\.\d+\.", k))
-        if not shared:
-            need["shared_heads"] = False
+    decoder_heads = [k for k in state if re.match(rf"^(class|bbox)_embed\.([0-9]|[1-9][0-9])\.", k)
+                     and int(k.split(".")[1]) < config.decoder_layers]
+    if not all(torch.equal(state[k], state[re.sub(r"^(\w+)\.\d+\.", r"\1.0.", k)]) for k in decoder_heads):
+        need["shared_heads"] = False  # a head per decoder layer (detrex; IDEA-Research/DINO shares one)
     wrong = [f"model.{name}={str(value).lower()}" for name, value in need.items() if getattr(config, name) != value]
     if wrong:
         recipe = "recipes/dino.yaml" if kind == "dino" else "recipes/dino-detrex.yaml"
