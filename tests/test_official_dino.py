@@ -538,3 +538,30 @@ def test_full_size_released_dino_layouts_load_strictly(layout, tmp_path):
         assert len(model.class_heads) == 6 and torch.equal(own["enc_class_head.weight"], state["class_embed.6.weight"])
         assert torch.equal(own["backbone.body.layer4.2.bn3.running_var"], state["backbone.res5.2.conv3.norm.running_var"])
         assert torch.equal(own["decoder.layers.5.norm1.weight"], state["transformer.decoder.layers.5.norms.0.weight"])
+
+
+def test_dfx_eval_takes_a_released_dino_checkpoint(tmp_path):
+    """`dfx eval recipes/dino-shapes.yaml model.weights=checkpoint0011_4scale.pth data.root=…`: the
+    released heads' rows are read at the dataset's category ids (shapes-det: 1, 3, 5, 7)."""
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from dfx.cli import app
+    from dfx.data.shapes_det import generate_shapes_det
+
+    root = tmp_path / "shapes-det"
+    generate_shapes_det(root, seed=0, train_images=2, val_images=3)
+    args = dino_args()
+    file = save_released(tmp_path / "checkpoint0011_4scale.pth", dino_state_dict(args), args)
+    overrides = [f"data.root={root}", "model.backbone_kwargs={}", "model.frozen_bn=true", "model.dim=256",
+                 "model.heads=8", *SMALL, "data.scales=[128]", "data.max_size=128", "eval.batch_size=4",
+                 "eval.draw_images=0", "model.detections=300"]
+    result = CliRunner().invoke(app, ["eval", str(RECIPES / "dino-shapes.yaml"), f"model.weights={file}", *overrides,
+                                      "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert 0.0 <= payload["metrics"]["AP"] <= 1.0
+    predictions = json.loads(Path(payload["predictions"]).read_text())
+    assert len(predictions) == 3 * 20 * 4 and {p["category_id"] for p in predictions} == {1, 3, 5, 7}
