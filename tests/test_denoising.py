@@ -295,7 +295,10 @@ def test_dino_recipes_hold_dinos_settings():
     baseline = load_recipe(RECIPES / "deformable-detr-shapes.yaml")
     assert shapes.data.root == "shapes-det" and shapes.model.dn_queries == 100 and shapes.loss.class_weight == 1.0
     assert shapes.model.two_stage_scoring == "class_aware" and baseline.model.two_stage_scoring == "agnostic"
-    dino_only = {"dn_queries", "label_noise", "box_noise", "position_temperature", "two_stage_scoring"}
+    dino_only = {"dn_queries", "label_noise", "box_noise", "position_temperature", "two_stage_scoring",
+                 "position_offset", "query_position", "decoder_norm", "encoder_loss", "shared_heads",
+                 "content_query_init", "inverse_sigmoid_eps"}
+    assert all(getattr(shapes.model, k) == getattr(dino.model, k) for k in dino_only)  # recipes/dino.yaml's switches
     # the shapes recipe is the shapes baseline plus DINO's switches: same size, data and schedule
     assert {k: v for k, v in vars(shapes.model).items() if k not in dino_only} == \
         {k: v for k, v in vars(baseline.model).items() if k not in dino_only}

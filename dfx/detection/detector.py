@@ -125,6 +125,7 @@ class DetectorConfig:
             raise ValueError(f"backbone_frozen_stages must be >= 0, got {self.backbone_frozen_stages}")
         if self.encoder_layers < 1 or self.decoder_layers < 1:
             raise ValueError("encoder_layers and decoder_layers must be >= 1")
+        self._validate_denoising()
         if self.query_position == "per_layer" and not self.two_stage:
             raise ValueError("query_position per_layer encodes reference boxes, which two-stage proposals give: "
                              "set two_stage: true")
@@ -132,7 +133,6 @@ class DetectorConfig:
             raise ValueError("encoder_loss selected scores the two-stage proposals: set two_stage: true")
         if not 0 < self.inverse_sigmoid_eps < 0.5:
             raise ValueError(f"inverse_sigmoid_eps must be in (0, 0.5), got {self.inverse_sigmoid_eps}")
-        self._validate_denoising()
 
     def _validate_denoising(self) -> None:
         if self.dn_queries < 0:
