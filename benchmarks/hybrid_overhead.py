@@ -12,8 +12,8 @@ mean — at random):
   once per distinct target and tiled k times;
 - hybrid (masked): the same model with one masked 1800x1800 self-attention and the matcher run on
   the explicitly repeated targets, as the paper's implementation does;
-- DINO denoising: the baseline plus ``dn_queries`` 100 (with 7 objects: 7 groups of 2 x 7 noised
-  targets = 98 queries; one masked self-attention over all queries, the denoising losses on every
+- DINO denoising: the baseline plus ``dn_queries`` 100 (with 7 objects: 14 groups of 2 x 7 noised
+  targets = 196 queries; one masked self-attention over all queries, the denoising losses on every
   layer);
 - DINO (recipes/dino.yaml's queries): 900 queries + denoising;
 - DINO + hybrid: 300 + 1500 queries + denoising (the experimental combination).

@@ -42,10 +42,12 @@ def many_targets(objects: int, seed: int = 0) -> list[dict]:
 # --- the number of groups -------------------------------------------------------------------------
 
 def test_groups_follow_the_budget_and_fall_back_to_one():
-    assert denoising_groups(100, 6) == 8 and denoising_groups(100, 3) == 16 and denoising_groups(100, 50) == 1
-    assert denoising_groups(4, 6) == 1  # budget below one image's objects: one group (documented fallback)
+    """The reference doubles dn_number before dividing by 2·M: 100 gives 100 // M groups (M = 6: 16
+    groups of 12 queries, 192 denoising queries), not 100 // (2·M)."""
+    assert denoising_groups(100, 6) == 16 and denoising_groups(100, 3) == 33 and denoising_groups(100, 50) == 2
+    assert denoising_groups(100, 101) == 1  # budget below one image's objects: one group, as in the reference
     assert denoising_groups(100, 0) == 0 and denoising_groups(0, 5) == 0
-    dn = noised_queries(TARGETS, 10, 3)
+    dn = noised_queries(TARGETS, 4, 3)
     assert (dn.groups, dn.group_size, dn.size) == (2, 4, 8) and dn.boxes.shape == (2, 8, 4)
     # image 0 has 2 objects, image 1 has 1: per group [pos pos | neg neg], image 1's second slots are padding
     assert dn.present.tolist() == [[True, True, True, True] * 2, [True, False, True, False] * 2]
@@ -58,7 +60,7 @@ def test_box_noise_stays_in_its_ranges():
     """Each corner of a positive moves by at most λ·(w/2, h/2); a negative's by between 1x and 2x that."""
     targets = many_targets(50)
     box_noise = 0.4
-    dn = noised_queries(targets, 1000, 4, label_noise=0.0, box_noise=box_noise,
+    dn = noised_queries(targets, 500, 4, label_noise=0.0, box_noise=box_noise,
                         generator=torch.Generator().manual_seed(0))
     assert dn.groups == 10
     truth = targets[0]["boxes"].repeat(dn.groups * 2, 1)
@@ -125,7 +127,7 @@ def test_matching_queries_are_untouched_by_denoising(one2many):
     """Same weights with denoising on and off: identical matching outputs in training (the mask
     hides the denoising queries) and in eval (none run); only the denoising part is new."""
     x = images()
-    dino = build(dn_queries=10, one2many_queries=one2many)
+    dino = build(dn_queries=4, one2many_queries=one2many)
     plain = build(seed=3, one2many_queries=one2many)
     missing = plain.load_state_dict(dino.state_dict(), strict=False)
     assert missing.unexpected_keys == ["dn_label_embed.weight"] and not missing.missing_keys
@@ -148,7 +150,7 @@ def test_matching_queries_are_untouched_by_denoising(one2many):
 
 
 def test_eval_runs_no_denoising_query():
-    model = build(dn_queries=10)
+    model = build(dn_queries=4)
     seen = []
     model.decoder.layers[0].self_attn.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[1]))
     model.eval()
@@ -164,9 +166,9 @@ def test_eval_runs_no_denoising_query():
 
 def test_groups_never_see_each_other():
     """Changing group 1's content leaves group 0 and the matching queries unchanged."""
-    model = build(dn_queries=10)
+    model = build(dn_queries=4)
     x = images()
-    dn = noised_queries(TARGETS, 10, 3, generator=torch.Generator().manual_seed(0))
+    dn = noised_queries(TARGETS, 4, 3, generator=torch.Generator().manual_seed(0))
     gs = dn.group_size
     content = model.dn_label_embed(dn.labels) * dn.present[..., None]
     perturbed = content.clone()
@@ -235,7 +237,7 @@ def test_denoising_loss_matches_a_direct_computation():
 
 
 def test_a_training_step_reaches_the_label_embedding_and_a_small_budget_falls_back_to_one_group():
-    model = build(dn_queries=2)  # fewer denoising queries than 2 x the 2 objects of image 0
+    model = build(dn_queries=1)  # a budget below the 2 objects of image 0
     out = model(images(), None, TARGETS)
     assert out["dn"]["groups"] == 1 and out["dn"]["pred_logits"].shape == (2, 4, 3)
     total, logs = SetCriterion(3)(out, TARGETS)
@@ -293,7 +295,10 @@ def test_dino_recipes_hold_dinos_settings():
     baseline = load_recipe(RECIPES / "deformable-detr-shapes.yaml")
     assert shapes.data.root == "shapes-det" and shapes.model.dn_queries == 100 and shapes.loss.class_weight == 1.0
     assert shapes.model.two_stage_scoring == "class_aware" and baseline.model.two_stage_scoring == "agnostic"
-    dino_only = {"dn_queries", "label_noise", "box_noise", "position_temperature", "two_stage_scoring"}
+    dino_only = {"dn_queries", "label_noise", "box_noise", "position_temperature", "two_stage_scoring",
+                 "position_offset", "query_position", "decoder_norm", "encoder_loss", "shared_heads",
+                 "content_query_init", "inverse_sigmoid_eps"}
+    assert all(getattr(shapes.model, k) == getattr(dino.model, k) for k in dino_only)  # recipes/dino.yaml's switches
     # the shapes recipe is the shapes baseline plus DINO's switches: same size, data and schedule
     assert {k: v for k, v in vars(shapes.model).items() if k not in dino_only} == \
         {k: v for k, v in vars(baseline.model).items() if k not in dino_only}

@@ -16,8 +16,10 @@ Noise, with ``λ`` = ``box_noise``:
   positive's centre moves by at most ``λ·w/2`` and its size stays in ``[1 − λ, 1 + λ]`` times the
   original, while a negative's corners move between 1× and 2× that far.
 
-``G = dn_queries // (2·M)``; when ``dn_queries < 2·M`` (a budget below the objects of one image)
-dfx falls back to one group, i.e. ``2·M`` denoising queries for that batch.
+``G = dn_queries // M`` (``dn_queries`` is the reference's ``dn_number``, doubled there for the
+positive and negative halves before dividing by ``2·M``: up to ``2·dn_queries`` denoising queries);
+when ``dn_queries < M`` dfx falls back to one group, i.e. ``2·M`` denoising queries for that batch,
+as the reference does.
 
 Self-attention (:func:`denoising_attention_mask`): matching queries never see denoising queries,
 denoising groups never see each other; a denoising group sees itself and the one-to-one queries,
@@ -58,10 +60,10 @@ class DenoisingQueries:
 
 
 def denoising_groups(dn_queries: int, max_objects: int) -> int:
-    """Groups that fit the query budget: ``dn_queries // (2·max_objects)``, at least 1 (0 without objects)."""
+    """Groups of ``2·max_objects`` queries: ``2·dn_queries // (2·max_objects)``, at least 1 (0 without objects)."""
     if max_objects == 0 or dn_queries <= 0:
         return 0
-    return max(1, dn_queries // (2 * max_objects))
+    return max(1, dn_queries // max_objects)
 
 
 def noised_queries(targets: list[dict], dn_queries: int, num_classes: int, label_noise: float = 0.5,

@@ -19,6 +19,20 @@ One model; every variant is a :class:`DetectorConfig` value:
   ``forward(images, mask, targets)`` adds noised ground-truth queries before the matching ones,
   under an attention mask; nothing of it runs at inference.
 
+DINO's decoder differs from Deformable-DETR's in switches of the same model (IDEA-Research/DINO's
+``DINO_4scale`` sets them all; detrex's ``dino_r50_4scale_12ep`` all but ``shared_heads``):
+
+- ``query_position: per_layer``: each decoder layer builds its positional queries from its own
+  reference box (sine encoding -> ``decoder.ref_point_head``), denoising queries included;
+  ``proposal`` (Deformable-DETR) encodes the selected proposal once (``pos_trans``) for all layers.
+- ``decoder_norm``: a final LayerNorm on what the heads read; the next reference is refined from
+  the un-normalised output.
+- ``encoder_loss: selected``: the two-stage loss scores only the top-``one2one_queries`` proposals
+  (DINO's interm outputs); ``all``: every encoder token (Deformable-DETR).
+- ``shared_heads``: one class head and one box head for every decoder layer.
+- ``content_query_init: xavier``, ``inverse_sigmoid_eps`` 1e-3, and the pixel encoding's
+  ``position_temperature`` / ``position_offset`` (DINO: 20 and 0; detrex: 10000 and -0.5).
+
 Output of ``forward(images [B, 3, H, W], mask [B, H, W] True at padding)``::
 
     {"pred_logits": [B, Q1, K], "pred_boxes": [B, Q1, 4] (cxcywh in [0, 1] of the unpadded image),
@@ -44,7 +58,7 @@ from dfx.detection.backbone import Backbone, InputProjection
 from dfx.detection.deformable_attention import MultiScaleDeformableAttention
 from dfx.detection.denoising import denoising_attention_mask, noised_queries
 from dfx.detection.position import box_position_encoding, pixel_position_encoding
-from dfx.detection.transformer import Decoder, Encoder, inverse_sigmoid
+from dfx.detection.transformer import INVERSE_SIGMOID_EPS, MLP, Decoder, Encoder, inverse_sigmoid
 
 DETECTIONS = 100  # (query, class) pairs kept per image by postprocess, as in Deformable-DETR's evaluation
 
@@ -77,10 +91,18 @@ class DetectorConfig:
     hybrid_attention: Literal["grouped", "masked"] = "grouped"  # masked: one attention over both groups, block mask
     proposal_size: float = 0.05  # two-stage proposal side on the finest level (doubles per level)
     # DINO (dfx.detection.denoising): contrastive denoising queries in training; dn_queries 0: off
-    dn_queries: int = 0  # budget: groups = dn_queries // (2 · most objects of an image), at least 1
+    dn_queries: int = 0  # DINO's dn_number: groups = dn_queries // (most objects of an image), at least 1
     label_noise: float = 0.5  # a denoising query's label is flipped with probability label_noise / 2
     box_noise: float = 1.0  # box corner jitter, in half widths/heights (negatives: 1x-2x that)
     position_temperature: float = 10000.0  # sine encoding of pixel positions (DINO: 20)
+    position_offset: float = -0.5  # added to the 1-based pixel index before normalising (DINO: 0)
+    # DINO's decoder (module docstring); the defaults are Deformable-DETR's
+    query_position: Literal["proposal", "per_layer"] = "proposal"
+    decoder_norm: bool = False
+    encoder_loss: Literal["all", "selected"] = "all"
+    shared_heads: bool = False
+    content_query_init: Literal["normal", "xavier"] = "normal"
+    inverse_sigmoid_eps: float = INVERSE_SIGMOID_EPS
 
     def validate(self) -> None:
         """Raise ValueError naming the field for inconsistent settings."""
@@ -104,6 +126,13 @@ class DetectorConfig:
         if self.encoder_layers < 1 or self.decoder_layers < 1:
             raise ValueError("encoder_layers and decoder_layers must be >= 1")
         self._validate_denoising()
+        if self.query_position == "per_layer" and not self.two_stage:
+            raise ValueError("query_position per_layer encodes reference boxes, which two-stage proposals give: "
+                             "set two_stage: true")
+        if self.encoder_loss == "selected" and not self.two_stage:
+            raise ValueError("encoder_loss selected scores the two-stage proposals: set two_stage: true")
+        if not 0 < self.inverse_sigmoid_eps < 0.5:
+            raise ValueError(f"inverse_sigmoid_eps must be in (0, 0.5), got {self.inverse_sigmoid_eps}")
 
     def _validate_denoising(self) -> None:
         if self.dn_queries < 0:
@@ -116,22 +145,6 @@ class DetectorConfig:
             raise ValueError(f"position_temperature must be > 0, got {self.position_temperature}")
         if self.dn_queries and not self.two_stage:
             raise ValueError("dn_queries: denoising queries are boxes, like two-stage queries: set two_stage: true")
-
-
-class MLP(nn.Module):
-    """``layers`` linear layers with ReLU between them (the box head: dim -> dim -> dim -> 4)."""
-
-    def __init__(self, dim: int, hidden: int, out: int, layers: int):
-        super().__init__()
-        sizes = [dim] + [hidden] * (layers - 1) + [out]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for index, layer in enumerate(self.layers):
-            x = layer(x)
-            if index < len(self.layers) - 1:
-                x = x.relu()
-        return x
 
 
 def _class_head(dim: int, num_classes: int) -> nn.Linear:
@@ -164,9 +177,11 @@ class DeformableDETR(nn.Module):
         layer = dict(dim=c, heads=config.heads, levels=config.levels, points=config.points, ffn_dim=config.ffn_dim,
                      dropout=config.dropout)
         self.encoder = Encoder(config.encoder_layers, **layer)
-        self.decoder = Decoder(config.decoder_layers, config.box_refine, config.look_forward_twice, **layer)
+        self.decoder = Decoder(config.decoder_layers, config.box_refine, config.look_forward_twice,
+                               per_layer_position=config.query_position == "per_layer",
+                               final_norm=config.decoder_norm, eps=config.inverse_sigmoid_eps, **layer)
 
-        heads = config.decoder_layers if config.box_refine else 1
+        heads = config.decoder_layers if config.box_refine and not config.shared_heads else 1
         # as in the reference, every layer's (and the encoder's) heads start as copies of one head
         class_head, box_head = _class_head(c, config.num_classes), _box_head(c)
         self.class_heads = nn.ModuleList(copy.deepcopy(class_head) for _ in range(heads))
@@ -181,9 +196,10 @@ class DeformableDETR(nn.Module):
                 self.enc_class_head.weight.copy_(class_head.weight[:rows])
                 self.enc_class_head.bias.copy_(class_head.bias[:rows])
             self.enc_box_head = copy.deepcopy(box_head)
-            # both halves are computed even with mixed selection, which keeps only the positional one
-            self.pos_trans = nn.Linear(2 * c, 2 * c)
-            self.pos_trans_norm = nn.LayerNorm(2 * c)
+            if config.query_position == "proposal":
+                # both halves are computed even with mixed selection, which keeps only the positional one
+                self.pos_trans = nn.Linear(2 * c, 2 * c)
+                self.pos_trans_norm = nn.LayerNorm(2 * c)
             if config.mixed_query_selection:
                 self.content_queries = nn.Embedding(total, c)
         else:
@@ -201,7 +217,11 @@ class DeformableDETR(nn.Module):
         """The reference's initialisation: xavier on every weight matrix of the encoder, decoder and
         query-selection layers, then the deformable attention's sampling pattern."""
         modules = [self.encoder, self.decoder]
-        modules += [self.enc_output, self.pos_trans] if self.config.two_stage else [self.reference_points]
+        modules += [self.enc_output] if self.config.two_stage else [self.reference_points]
+        if hasattr(self, "pos_trans"):
+            modules.append(self.pos_trans)
+        if hasattr(self, "content_queries") and self.config.content_query_init == "xavier":
+            modules.append(self.content_queries)  # DINO's tgt_embed is a transformer parameter, so xavier
         for module in modules:
             for param in module.parameters():
                 if param.dim() > 1:
@@ -214,10 +234,10 @@ class DeformableDETR(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def _box_delta(self, layer: int, states: Tensor) -> Tensor:
-        return self.box_heads[layer if self.config.box_refine else 0](states)
+        return self.box_heads[layer if len(self.box_heads) > 1 else 0](states)
 
     def _class_logits(self, layer: int, states: Tensor) -> Tensor:
-        return self.class_heads[layer if self.config.box_refine else 0](states)
+        return self.class_heads[layer if len(self.class_heads) > 1 else 0](states)
 
     def _flatten(self, maps: list[Tensor], masks: list[Tensor]):
         """Multi-scale maps -> tokens [B, S, C], pos [B, S, C], mask [B, S], shapes (H, W) per level as
@@ -226,8 +246,8 @@ class DeformableDETR(nn.Module):
         for level, (feature, mask) in enumerate(zip(maps, masks)):
             shapes.append(tuple(feature.shape[-2:]))
             tokens.append(feature.flatten(2).transpose(1, 2))
-            pos = pixel_position_encoding(mask, self.config.dim // 2,
-                                          self.config.position_temperature).to(feature.dtype)
+            pos = pixel_position_encoding(mask, self.config.dim // 2, self.config.position_temperature,
+                                          self.config.position_offset).to(feature.dtype)
             positions.append(pos.flatten(2).transpose(1, 2) + self.level_embed[level])
             flat_masks.append(mask.flatten(1))
             valid = ~mask
@@ -263,7 +283,8 @@ class DeformableDETR(nn.Module):
         return self.enc_output_norm(self.enc_output(memory)), proposals
 
     def _queries(self, memory: Tensor, mask: Tensor, shapes, num_queries: int, out: dict):
-        """(content queries [B, Q, C], positional queries [B, Q, C], reference [B, Q, 2|4])."""
+        """(content queries [B, Q, C], positional queries [B, Q, C] or None (per-layer: the decoder
+        builds them), reference [B, Q, 2|4])."""
         c, batch = self.config.dim, memory.shape[0]
         if not self.config.two_stage:
             # an embedding lookup, not a slice of the weight: views of parameters made under no_grad
@@ -275,16 +296,24 @@ class DeformableDETR(nn.Module):
         enc_memory, proposals = self._proposals(memory, mask, shapes)
         enc_logits = self.enc_class_head(enc_memory)
         enc_boxes = self.enc_box_head(enc_memory) + proposals  # before the sigmoid
-        out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes.sigmoid()}
         if enc_logits.shape[1] < num_queries:
             raise ValueError(f"two-stage selection needs {num_queries} encoder tokens, the image gives only "
                              f"{enc_logits.shape[1]}: use larger images or fewer queries")
         # agnostic: the objectness logit (the head's one row); class-aware: the best class
         scores = enc_logits[..., 0] if self.config.two_stage_scoring == "agnostic" else enc_logits.max(-1).values
         top = scores.topk(num_queries, dim=1).indices
-        reference = torch.gather(enc_boxes, 1, top[..., None].expand(-1, -1, 4)).detach().sigmoid()
-        pos = self._box_position(reference)
-        query_pos, content = pos.split(c, -1)
+        selected = torch.gather(enc_boxes, 1, top[..., None].expand(-1, -1, 4))
+        if self.config.encoder_loss == "selected":
+            picked = torch.gather(enc_logits, 1, top[..., None].expand(-1, -1, enc_logits.shape[-1]))
+            out["enc_outputs"] = {"pred_logits": picked, "pred_boxes": selected.sigmoid()}
+        else:
+            out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes.sigmoid()}
+        reference = selected.detach().sigmoid()
+        if self.config.query_position == "per_layer":
+            query_pos = None
+            content = torch.gather(enc_memory, 1, top[..., None].expand(-1, -1, c)).detach()
+        else:
+            query_pos, content = self._box_position(reference).split(c, -1)
         if self.config.mixed_query_selection:
             content = self.content_queries(torch.arange(num_queries, device=memory.device))[None].expand(batch, -1, -1)
         return content, query_pos, reference
@@ -301,9 +330,11 @@ class DeformableDETR(nn.Module):
         if dn is None:  # no object in the batch; touch the embedding so DDP sees every parameter used
             return None, content + 0.0 * self.dn_label_embed.weight[0, 0], query_pos, reference
         dn_content = self.dn_label_embed(dn.labels) * dn.present[..., None]  # padding slots: zero content
-        dn_pos = self._box_position(dn.boxes)[..., : self.config.dim]
-        return (dn, torch.cat((dn_content, content), 1), torch.cat((dn_pos, query_pos), 1),
-                torch.cat((dn.boxes.to(reference.dtype), reference), 1))
+        # the reference stores boxes before the sigmoid (its inverse_sigmoid clamps them)
+        dn_boxes = inverse_sigmoid(dn.boxes.to(reference.dtype), self.config.inverse_sigmoid_eps).sigmoid()
+        if query_pos is not None:
+            query_pos = torch.cat((self._box_position(dn_boxes)[..., : self.config.dim], query_pos), 1)
+        return dn, torch.cat((dn_content, content), 1), query_pos, torch.cat((dn_boxes, reference), 1)
 
     def forward(self, images: Tensor, mask: Tensor | None = None, targets: list[dict] | None = None) -> dict:
         """``targets`` (per image {"labels", "boxes" cxcywh}) feed the denoising queries in training."""

@@ -88,9 +88,11 @@ def _rename(key: str, rules: list[tuple[str, str]]) -> str | None:
 
 
 def is_official(raw: object) -> bool:
-    """True for a reference checkpoint: ``{"model": state_dict}`` with its transformer keys."""
+    """True for a reference checkpoint: ``{"model": state_dict}`` with its transformer keys (and
+    no DINO decoder: :mod:`dfx.detection.official_dino` reads those)."""
     state = raw.get("model") if isinstance(raw, Mapping) else None
-    return isinstance(state, Mapping) and any(str(k).startswith("transformer.") for k in state)
+    return (isinstance(state, Mapping) and any(str(k).startswith("transformer.") for k in state)
+            and "transformer.decoder.ref_point_head.layers.0.weight" not in state)
 
 
 def _class_rows(weight: Tensor, category_ids: Sequence[int] | None, classes: int, key: str) -> Tensor:
@@ -152,6 +154,7 @@ def _check_architecture(official: Mapping[str, Tensor], config: DetectorConfig) 
     found = {"two_stage": "transformer.enc_output.weight" in official,
              "box_refine": any(k.startswith("transformer.decoder.bbox_embed.") for k in official)}
     found["mixed_query_selection"] = found["two_stage"] and "query_embed.weight" in official
+    found.update(query_position="proposal", decoder_norm=False, shared_heads=False)  # DINO's switches: off
     wrong = [f"model.{name}={str(value).lower()}" for name, value in found.items() if getattr(config, name) != value]
     if wrong:
         raise UsageError(f"the checkpoint is of another Deformable-DETR variant: set {' '.join(wrong)}")
@@ -211,6 +214,8 @@ _HINTS = [
     (r"^backbone\.", "model.backbone / model.backbone_kwargs"),
     (r"^input_proj\.", "model.backbone / model.dim"),
     (r"^class_heads\.", "data.category_ids / model.num_classes"),
+    (r"^dn_label_embed\.", "data.category_ids / model.num_classes"),
+    (r"^decoder\.ref_point_head\.", "model.dim"),
 ]
 
 

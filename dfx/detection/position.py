@@ -26,20 +26,22 @@ def _sin_cos(coordinate: Tensor, frequencies: Tensor) -> Tensor:
     return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
-def pixel_position_encoding(mask: Tensor, num_feats: int = 128, temperature: float = 10000.0) -> Tensor:
+def pixel_position_encoding(mask: Tensor, num_feats: int = 128, temperature: float = 10000.0,
+                            offset: float = -0.5) -> Tensor:
     """Encoding of every valid pixel of a padded feature map.
 
-    mask [B, H, W] bool, True at padding. Coordinates count valid pixels from the top-left and are
-    normalised by the valid extent of each image (pixel centres, so ``(i + 0.5) / H_valid``), so an
-    image means the same positions whatever the padding of its batch.
+    mask [B, H, W] bool, True at padding. Coordinates count valid pixels from the top-left (1-based)
+    and are normalised by the valid extent of each image, so an image means the same positions
+    whatever the padding of its batch: ``(i + 1 + offset) / H_valid``. ``offset`` -0.5 gives pixel
+    centres (Deformable-DETR, detrex); DINO's own code uses 0 (and temperature 20).
     Returns [B, 2 * num_feats, H, W]: y channels first, then x.
     """
     valid = (~mask).to(torch.float32)
     y = valid.cumsum(1)
     x = valid.cumsum(2)
     eps = 1e-6
-    y = (y - 0.5) / (y[:, -1:, :] + eps) * TWO_PI
-    x = (x - 0.5) / (x[:, :, -1:] + eps) * TWO_PI
+    y = (y + offset) / (y[:, -1:, :] + eps) * TWO_PI
+    x = (x + offset) / (x[:, :, -1:] + eps) * TWO_PI
     frequencies = _frequencies(num_feats, temperature, mask.device, torch.float32)
     encoding = torch.cat((_sin_cos(y, frequencies), _sin_cos(x, frequencies)), dim=-1)  # [B, H, W, 2F]
     return encoding.permute(0, 3, 1, 2)

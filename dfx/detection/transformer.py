@@ -4,6 +4,11 @@ Shapes: ``B`` images, ``S`` = Σ H_l·W_l flattened multi-scale tokens, ``Q`` qu
 ``L`` levels. Reference points are normalised to the *valid* (unpadded) part of each image and
 scaled by the per-level valid ratios before sampling, because the padded maps are what is sampled.
 
+Positional queries: Deformable-DETR / H-DETR compute one per query before the decoder and reuse it
+in every layer; DINO (``Decoder(per_layer_position=True)``) rebuilds it in each layer from that
+layer's reference box (scaled by the level-0 valid ratios): its sine encoding in (y, x, w, h) order
+through ``ref_point_head`` (an MLP 2C -> C -> C).
+
 Decoder self-attention sees the queries in groups (H-DETR's one-to-one and one-to-many groups)
 that must not attend to each other. Two equivalent ways are offered: ``grouped`` runs one attention
 per group (cheaper: Σ n_g² instead of (Σ n_g)² pairs), ``masked`` runs one attention over all
@@ -16,11 +21,30 @@ import torch
 from torch import Tensor, nn
 
 from dfx.detection.deformable_attention import MultiScaleDeformableAttention
+from dfx.detection.position import box_position_encoding
+
+INVERSE_SIGMOID_EPS = 1e-5  # Deformable-DETR's; DINO and detrex use 1e-3
 
 
-def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+def inverse_sigmoid(x: Tensor, eps: float = INVERSE_SIGMOID_EPS) -> Tensor:
     x = x.clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class MLP(nn.Module):
+    """``layers`` linear layers with ReLU between them (the box head: dim -> dim -> dim -> 4)."""
+
+    def __init__(self, dim: int, hidden: int, out: int, layers: int):
+        super().__init__()
+        sizes = [dim] + [hidden] * (layers - 1) + [out]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index < len(self.layers) - 1:
+                x = x.relu()
+        return x
 
 
 def group_attention_mask(sizes: list[int], device=None) -> Tensor:
@@ -118,22 +142,38 @@ class Decoder(nn.Module):
     look_forward_twice: layer l's prediction is built on layer l-1's refined box *with* its
     gradient, so layer l's box loss trains box heads l and l-1; that refined box was itself built on
     a detached reference, so the gradient goes no further back.
+    per_layer_position: DINO's positional queries, rebuilt in every layer from its reference box
+    (``ref_point_head``); the ``query_pos`` argument is then ignored.
+    final_norm: DINO's LayerNorm on what the heads read (the returned states); the next layer's
+    reference is still refined from the un-normalised output, as in the reference.
+    eps: of :func:`inverse_sigmoid` in the refinement (Deformable-DETR 1e-5, DINO 1e-3).
     """
 
-    def __init__(self, num_layers: int, box_refine: bool, look_forward_twice: bool, **layer):
+    def __init__(self, num_layers: int, box_refine: bool, look_forward_twice: bool, *,
+                 per_layer_position: bool = False, final_norm: bool = False, eps: float = INVERSE_SIGMOID_EPS,
+                 **layer):
         super().__init__()
+        dim = layer["dim"]
         self.layers = nn.ModuleList(DecoderLayer(**layer) for _ in range(num_layers))
         self.box_refine = box_refine
         self.look_forward_twice = look_forward_twice and box_refine
+        self.ref_point_head = MLP(2 * dim, dim, dim, 2) if per_layer_position else None
+        self.norm = nn.LayerNorm(dim) if final_norm else None
+        self.eps = eps
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, reference: Tensor, memory: Tensor, shapes: list[tuple[int, int]],
-                valid_ratios: Tensor, memory_mask: Tensor, box_head, groups: list[int], masked: bool = False,
-                attn_mask: Tensor | None = None):
+    def box_position(self, sampling_ref: Tensor) -> Tensor:
+        """DINO's positional query of references [B, Q, 4] already scaled by the valid ratios -> [B, Q, C]."""
+        sine = box_position_encoding(sampling_ref[..., [1, 0, 2, 3]], self.ref_point_head.layers[0].in_features // 4)
+        return self.ref_point_head(sine)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor | None, reference: Tensor, memory: Tensor,
+                shapes: list[tuple[int, int]], valid_ratios: Tensor, memory_mask: Tensor, box_head, groups: list[int],
+                masked: bool = False, attn_mask: Tensor | None = None):
         """reference [B, Q, 2|4] in [0, 1]; shapes (H, W) per memory level, Python ints;
         box_head(layer, states) -> box deltas [B, Q, 4].
         attn_mask [Q, Q] (True: may not attend) replaces the group mask, e.g. DINO's denoising mask.
 
-        Returns per layer: states [B, Q, C] and boxes [B, Q, 4] (cxcywh in [0, 1]).
+        Returns per layer: states [B, Q, C] (what the heads read) and boxes [B, Q, 4] (cxcywh in [0, 1]).
         """
         states, boxes = [], []
         mask = group_attention_mask(groups, tgt.device) if masked and len(groups) > 1 else None  # once, all layers
@@ -143,21 +183,26 @@ class Decoder(nn.Module):
         for index, layer in enumerate(self.layers):
             # a point reference becomes a box after the first refinement
             scale = valid_ratios if sampling_ref.shape[-1] == 2 else torch.cat((valid_ratios, valid_ratios), -1)
-            tgt = layer(tgt, query_pos, sampling_ref[:, :, None] * scale[:, None], memory, shapes,
-                        memory_mask, groups, mask)
-            delta = box_head(index, tgt)
-            states.append(tgt)
-            boxes.append(_refine(prediction_ref, delta))
+            scaled = sampling_ref[:, :, None] * scale[:, None]
+            if self.ref_point_head is not None:
+                query_pos = self.box_position(scaled[:, :, 0])
+            tgt = layer(tgt, query_pos, scaled, memory, shapes, memory_mask, groups, mask)
+            state = tgt if self.norm is None else self.norm(tgt)
+            delta = box_head(index, state)
+            states.append(state)
+            boxes.append(_refine(prediction_ref, delta, self.eps))
             if self.box_refine:
-                refined = _refine(sampling_ref, delta)  # equal in value to the box; its gradient stops here
+                # with the final norm, the next reference comes from the un-normalised output
+                refine_delta = delta if self.norm is None else box_head(index, tgt)
+                refined = _refine(sampling_ref, refine_delta, self.eps)  # its gradient stops here
                 sampling_ref = refined.detach()
                 prediction_ref = refined if self.look_forward_twice else sampling_ref
         return states, boxes
 
 
-def _refine(reference: Tensor, delta: Tensor) -> Tensor:
+def _refine(reference: Tensor, delta: Tensor, eps: float = INVERSE_SIGMOID_EPS) -> Tensor:
     """A box [B, Q, 4] from a reference [B, Q, 2|4] in [0, 1] and deltas before the sigmoid."""
-    base = inverse_sigmoid(reference)
+    base = inverse_sigmoid(reference, eps)
     if base.shape[-1] == 2:
         base = torch.cat((base, torch.zeros_like(base)), -1)
     return (delta + base).sigmoid()

@@ -25,7 +25,7 @@ from dfx import hub
 from dfx.data.coco import CocoDetection
 from dfx.data.det_transforms import DetectionTransform, collate_detection
 from dfx.data.formats import SPLITS, DetectionData, find_detection_data
-from dfx.detection import DeformableDETR, DetectorConfig, SetCriterion, official, postprocess
+from dfx.detection import DeformableDETR, DetectorConfig, SetCriterion, official, official_dino, postprocess
 from dfx.detection.detector import DETECTIONS
 from dfx.detection.loss_config import HybridLossConfig, SetLossConfig
 from dfx.errors import UsageError
@@ -152,6 +152,7 @@ class TrainConfig(BaseTrainConfig):
 
     backbone_lr: float = 2e-5
     offset_lr_mult: float = 0.1  # sampling offsets and reference-point heads train at lr × this
+    norm_weight_decay: Union[float, None] = None  # of LayerNorm/GroupNorm/BatchNorm parameters; null: weight_decay
 
 
 @dataclass
@@ -172,6 +173,8 @@ def validate_recipe(recipe) -> None:
         mean, std = pretrained_normalisation(recipe.model.backbone)
         data.mean = list(mean) if data.mean is None else data.mean
         data.std = list(std) if data.std is None else data.std
+    if recipe.train.norm_weight_decay is not None and not recipe.train.norm_weight_decay >= 0:
+        raise UsageError(f"train.norm_weight_decay must be >= 0 or null, got {recipe.train.norm_weight_decay}")
 
 
 def pretrained_normalisation(backbone: str) -> tuple[tuple, tuple]:
@@ -249,8 +252,10 @@ class Task:
             model = DeformableDETR(config)
         except ValueError as e:
             raise UsageError(f"model: {e}") from None
-        load_recipe_weights(model, self.recipe.model, converters=[official.converter(config, self.category_ids())],
-                            formats=[official.FORMAT], hint=official.hint)
+        ids = self.category_ids()
+        load_recipe_weights(model, self.recipe.model,
+                            converters=[official.converter(config, ids), official_dino.converter(config, ids)],
+                            formats=[official.FORMAT, official_dino.FORMAT], hint=official.hint)
         return model
 
     def category_ids(self) -> list[int] | None:
@@ -264,20 +269,29 @@ class Task:
         return SetCriterion.from_config(len(self.classes), self.recipe.loss, self.recipe.model)
 
     def param_groups(self, model) -> list[dict]:
-        """Backbone at ``train.backbone_lr``; sampling offsets and reference points at lr × offset_lr_mult."""
+        """Backbone at ``train.backbone_lr``; sampling offsets and reference points at lr × offset_lr_mult;
+        with ``train.norm_weight_decay`` set, normalisation layers' parameters get that weight decay
+        (detrex: 0) in groups of their own."""
         t = self.recipe.train
-        groups = {"backbone": [], "offsets": [], "rest": []}
+        norms = set()
+        if t.norm_weight_decay is not None:
+            norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase)
+            norms = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
+        groups: dict[tuple[str, bool], list] = {}
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
             if name.startswith("backbone."):
-                groups["backbone"].append(param)
+                kind = "backbone"
             elif "sampling_offsets" in name or name.startswith("reference_points"):
-                groups["offsets"].append(param)
+                kind = "offsets"
             else:
-                groups["rest"].append(param)
+                kind = "rest"
+            groups.setdefault((kind, id(param) in norms), []).append(param)
         lrs = {"rest": t.lr, "backbone": t.backbone_lr, "offsets": t.lr * t.offset_lr_mult}
-        return [{"params": params, "lr": lrs[name]} for name, params in groups.items() if params]
+        order = [(kind, norm) for kind in ("backbone", "offsets", "rest") for norm in (False, True)]
+        return [{"params": groups[key], "lr": lrs[key[0]], **({"weight_decay": t.norm_weight_decay} if key[1] else {})}
+                for key in order if key in groups]
 
     def info(self) -> dict:
         return {"classes": self.classes}
