@@ -727,6 +727,10 @@ def predict(
                                                  help="Fusion: the files of another modality, e.g. depth=scans/ "
                                                       "(SOURCE is the first of data.modalities)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/predict/<name>[-N])."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", metavar="FILE",
+                                               help="Detection: number the COCO results by this annotation file's "
+                                                    "image and category ids (default: the one beside the images, "
+                                                    "e.g. _annotations.coco.json; else file order)."),
     conf: Optional[float] = typer.Option(None, "--conf", metavar="T",
                                          help="Detection: keep boxes scoring >= T (default 0.25). Segmentation: "
                                               "pixels below T get 255. Classification: list classes >= T."),
@@ -755,7 +759,7 @@ def predict(
         for name, source in _modality_options(modality):
             others.setdefault(name, []).append(source)
         return run_predict(weights, paths, modalities=others, out=out_dir, conf=conf, batch=batch,
-                           overrides=overrides, device=device, quiet=quiet or json_out)
+                           overrides=overrides, device=device, quiet=quiet or json_out, annotations=annotations)
 
     def show(result: dict) -> None:
         counts = f"{result['images']} images"
@@ -765,6 +769,9 @@ def predict(
             names = ", ".join(Path(s["file"]).name for s in result["skipped_files"][:5])
             counts += f"; skipped {result['skipped']} ({names}{', ...' if result['skipped'] > 5 else ''})"
         out.print(f"{counts} in {result['elapsed_s']:.1f} s -> {result['out']}", highlight=False)
+        if "numbering" in result:
+            out.print(f"ids: image_id = {result['numbering']['image_id']}; category_id = "
+                      f"{result['numbering']['category_id']}", markup=False, highlight=False)
         _print_files(result, ("predictions", "results", "labels", "pictures"))
 
     run(work, json_out=json_out, debug=debug, quiet=quiet, show=show)

@@ -111,11 +111,11 @@ def example_inputs(recipe, size: tuple[int, int], image: str | os.PathLike | Non
     try:
         if recipe.task == "detection":  # resized as dfx predict does, to fit the canvas
             from dfx.data.det_transforms import DetectionTransform
-            from dfx.predict import read_image
+            from dfx.data.images import read_rgb
 
             transform = DetectionTransform(False, scales=[min(size)], max_size=max(size), mean=recipe.data.mean,
                                            std=recipe.data.std)
-            tensor, _ = transform(read_image(paths[0]), {"boxes": torch.zeros(0, 4),
+            tensor, _ = transform(read_rgb(paths[0]), {"boxes": torch.zeros(0, 4),
                                                          "labels": torch.zeros(0, dtype=torch.long)})
         else:
             _, tensor = PREDICTORS[recipe.task](recipe, [], 0.0, Path(".")).load(paths)

@@ -98,6 +98,19 @@ def box_ok(box, image: dict) -> bool:
     return x + w > 0 and y + h > 0 and x < image.get("width", math.inf) and y < image.get("height", math.inf)
 
 
+def named_categories(classes: list[str], categories: list[dict], source: str | Path,
+                     fix: str = "set data.category_ids to the matching ids") -> list[int]:
+    """The category ids of ``classes``, by name, in that order (``source`` names the file in messages)."""
+    ids = {}
+    for category in categories:
+        ids.setdefault(str(category.get("name", category["id"])), category["id"])
+    absent = [name for name in classes if name not in ids]
+    if absent:
+        raise UsageError(f"{source} has no categories named {first(absent)} (the model's classes are "
+                         f"{first(classes, 20)}); {fix}")
+    return [ids[name] for name in classes]
+
+
 def first(items, count: int = 5) -> str:
     items = list(items)
     more = f" and {len(items) - count} more" if len(items) > count else ""
@@ -135,7 +148,7 @@ class CocoDetection(Dataset):
         data = read_annotation_file(self.ann_file) if annotations is None else check_annotations(annotations, ann_file)
         categories = {c["id"]: c for c in data["categories"]}
         if category_ids is None:
-            category_ids = label_categories(data) if classes is None else self._named(classes, data["categories"])
+            category_ids = label_categories(data) if classes is None else named_categories(classes, data["categories"], self.ann_file)
         absent = [c for c in category_ids if c not in categories]
         if absent:
             raise UsageError(f"data.category_ids: {first(absent)} not among the categories of {self.ann_file} "
@@ -152,17 +165,6 @@ class CocoDetection(Dataset):
                                 "categories": [categories[c] for c in self.category_ids]})
         self.ids = sorted(images)
         self.targets = self._targets(images, annotations)
-
-    def _named(self, classes: list[str], categories: list[dict]) -> list[int]:
-        """The category ids of ``classes``, by name, in that order."""
-        ids = {}
-        for category in categories:
-            ids.setdefault(str(category.get("name", category["id"])), category["id"])
-        absent = [name for name in classes if name not in ids]
-        if absent:
-            raise UsageError(f"{self.ann_file} has no categories named {first(absent)} (the model's classes are "
-                             f"{first(classes, 20)}); set data.category_ids to the matching ids")
-        return [ids[name] for name in classes]
 
     def _present_images(self, images: list[dict]) -> dict[int, dict]:
         """image id -> image record, for images whose file exists (all of them unless skip_invalid;
