@@ -106,3 +106,46 @@ def test_ids_come_from_the_given_annotations_by_file_and_class_name(chess_detect
                                        "--out", str(tmp_path / "R"), "--json"])
     assert refused.exit_code == 2 and "1 of 3 images are not listed" in refused.stdout and "extra.jpg" in refused.stdout
     assert len(refused.stdout.strip().splitlines()) == 1 and not (tmp_path / "R").exists()
+
+
+def encodings(reference: np.ndarray, folder: Path) -> list[str]:
+    """``reference`` (uint8 [H, W, 3] with at most 256 colours and a black top-left corner) written as
+    8-bit RGB, RGBA (the black corner transparent over other colours), palette, CMYK and
+    EXIF-rotated files; the grey of it as 8-bit and 16-bit greyscale. Returns the file names."""
+    image = Image.fromarray(reference)
+    image.save(folder / "a-rgb.png")
+    rgba = np.dstack([reference, np.full(reference.shape[:2], 255, np.uint8)])
+    rgba[:20, :30] = (200, 50, 90, 0)  # hidden colour under zero alpha: composited onto black, as in training
+    Image.fromarray(rgba, "RGBA").save(folder / "b-rgba.png")
+    palette = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=256)
+    assert (np.asarray(palette.convert("RGB")) == reference).all()
+    palette.save(folder / "c-palette.png")
+    image.convert("CMYK").save(folder / "d-cmyk.tif")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated by 90 degrees; displayed upright
+    image.transpose(Image.Transpose.ROTATE_90).save(folder / "e-exif.png", exif=exif)
+    grey = np.asarray(image.convert("L"))
+    Image.fromarray(grey).save(folder / "f-grey8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "g-grey16.png")  # 65535 scale
+    Image.fromarray(grey).convert("RGB").save(folder / "h-grey-rgb.png")
+    return sorted(p.name for p in folder.iterdir())
+
+
+@needs("chess-pieces-coco")
+def test_identical_pixels_predict_identically_in_every_encoding(chess_detector, tmp_path):
+    photo = Image.open(sorted(VALID.glob("*.jpg"))[0]).convert("RGB").resize((240, 160))
+    reference = np.array(photo.quantize(colors=200).convert("RGB"))
+    reference[:20, :30] = 0
+    folder = tmp_path / "encodings"
+    folder.mkdir()
+    names = encodings(reference, folder)
+    summary = invoke("predict", chess_detector, folder, "--conf", "0", "--batch", "1", "--out", tmp_path / "P")
+    assert summary["images"] == len(names) == 8 and summary["skipped"] == 0
+    lines = {Path(line["file"]).name: line for line in
+             map(json.loads, Path(summary["results"]).read_text().splitlines())}
+    assert all((line["width"], line["height"]) == (240, 160) for line in lines.values())
+    for colour in ("b-rgba.png", "c-palette.png", "d-cmyk.tif", "e-exif.png"):
+        assert lines[colour]["detections"] == lines["a-rgb.png"]["detections"], colour
+    for grey in ("f-grey8.png", "g-grey16.png"):
+        assert lines[grey]["detections"] == lines["h-grey-rgb.png"]["detections"], grey
+    assert lines["h-grey-rgb.png"]["detections"] != lines["a-rgb.png"]["detections"]  # the check can fail
