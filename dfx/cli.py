@@ -299,6 +299,8 @@ def eval_(
                                                     "--annotations instead of running a model."),
     annotations: Optional[Path] = typer.Option(None, "--annotations", metavar="FILE",
                                                help="The COCO annotation JSON --predictions are scored against."),
+    strict: bool = typer.Option(False, "--strict", help="--predictions: an empty results list is an error (exit 2) "
+                                                        "instead of a warning."),
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
     json_out: JsonOption = False,
@@ -326,7 +328,7 @@ def eval_(
                 raise UsageError("--predictions evaluates a results file: drop the run directory / overrides")
             from dfx.data.coco_eval import evaluate_results_file
 
-            return evaluate_results_file(predictions, annotations)
+            return evaluate_results_file(predictions, annotations, strict)
         if run_or_checkpoint is None:
             raise UsageError("dfx eval needs a run directory or checkpoint, or --predictions FILE --annotations FILE")
         from dfx.engine import evaluate_checkpoint
@@ -335,7 +337,8 @@ def eval_(
 
     def show(result: dict) -> None:
         epoch = f" (epoch {result['epoch']})" if result.get("epoch") is not None else ""
-        title = (f"{Path(result['predictions']).name} ({result['detections']} detections on {result['images']} images)"
+        title = (f"{Path(result['predictions']).name} ({result['detections']} {result['iou_type']} results on "
+                 f"{result['images']} images)"
                  if "detections" in result else f"{result['checkpoint']}{epoch}")
         out.print(_metrics_table(escape(title), result["metrics"]))
         if result.get("no_ground_truth"):

@@ -49,6 +49,9 @@ def check_annotations(data, source: str | Path) -> dict:
     exports whose ids start at 0, repeat or are missing are renumbered 1..N (nothing else refers
     to annotation ids).
     """
+    if isinstance(data, list):
+        raise UsageError(f"annotation file {source}: a JSON list (a results file?), not a COCO annotation dict with "
+                         "'images', 'annotations' and 'categories'; did you swap --predictions and --annotations?")
     if not isinstance(data, dict) or not data.get("images"):
         raise UsageError(f"annotation file {source}: empty annotation file (no 'images' list); "
                          "a COCO file needs 'images', 'annotations' and 'categories'")
@@ -56,6 +59,12 @@ def check_annotations(data, source: str | Path) -> dict:
     if broken:
         raise UsageError(f"annotation file {source}: {len(broken)} image records lack 'id' or 'file_name' (first: "
                          f"images[{broken[0]}]); every image record needs both")
+    image_ids = [im["id"] for im in data["images"]]
+    if len(set(image_ids)) < len(image_ids):
+        seen: set = set()
+        twice = [i for i in image_ids if i in seen or seen.add(i)]
+        raise UsageError(f"annotation file {source}: {len(twice)} image records repeat an image id ({first(twice)}); "
+                         "every image needs its own id")
     data = {**data, "annotations": data.get("annotations") or [], "categories": data.get("categories") or []}
     ids = [a.get("id") for a in data["annotations"]]
     if not all(isinstance(i, int) and i > 0 for i in ids) or len(set(ids)) < len(ids):
