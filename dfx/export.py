@@ -140,7 +140,7 @@ def export(weights: str | os.PathLike, *, format: str = "onnx", out: str | os.Pa
     """Export the model of ``weights`` (run directory, dfx checkpoint, or recipe with model.weights) to
     ONNX and compare onnxruntime's outputs with PyTorch's on ``image`` (batch 1, and batch 2 with
     ``dynamic_batch``). Returns the file, its inputs / outputs and the check's numbers."""
-    from dfx.engine.rundir import new_run_dir
+    from dfx.engine.rundir import check_out_path, new_run_dir
     from dfx.models import build
 
     if format != "onnx":
@@ -157,6 +157,8 @@ def export(weights: str | os.PathLike, *, format: str = "onnx", out: str | os.Pa
     size = _input_size(recipe, image_size)
     names, inputs, source = example_inputs(recipe, size, image, modalities)
     outputs = ["pred_logits", "pred_boxes"] if recipe.task == "detection" else ["logits"]
+    if out is not None and Path(out).suffix == ".onnx":
+        check_out_path(Path(out), "an .onnx file")
     path = Path(out) if out is not None and Path(out).suffix == ".onnx" else \
         new_run_dir("export", recipe.name, out, resumable=False) / "model.onnx"
     if path.exists():

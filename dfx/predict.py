@@ -48,7 +48,7 @@ DEFAULT_CONF = {"detection": 0.25}  # other tasks: 0 (every pixel labelled, top-
 
 
 def collect_files(sources: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files named by ``sources`` (files, folders: every file in them, globs), in order, without repeats."""
+    """Files named by ``sources`` (files, folders: every file in them, globs), in order, each file once."""
     files: list[Path] = []
     seen: set[Path] = set()
     for source in sources:
@@ -65,8 +65,11 @@ def collect_files(sources: Iterable[str | os.PathLike]) -> list[Path]:
             what = "is an empty folder" if path.is_dir() else "matches no file" if found is not None else \
                 "does not exist"
             raise UsageError(f"SOURCE {source}: {what}; pass image files, folders or globs such as 'photos/*.jpg'")
-        files += [f for f in found if f not in seen]
-        seen.update(found)
+        for file in found:  # the same file once, however reached (a symlink loop under ``**``)
+            key = file.resolve()
+            if key not in seen:
+                seen.add(key)
+                files.append(file)
     return files
 
 

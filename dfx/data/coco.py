@@ -100,8 +100,10 @@ def quiet_coco(dataset: dict):
 
 
 def box_ok(box, image: dict) -> bool:
-    """A COCO [x, y, w, h] with positive size that overlaps its image (when the image's size is known)."""
-    if not (isinstance(box, (list, tuple)) and len(box) == 4 and box[2] > 0 and box[3] > 0):
+    """A COCO [x, y, w, h] of finite numbers with positive size that overlaps its image (when the
+    image's size is known)."""
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(is_number(v) and math.isfinite(v) for v in box)
+            and box[2] > 0 and box[3] > 0):
         return False
     x, y, w, h = box
     return x + w > 0 and y + h > 0 and x < image.get("width", math.inf) and y < image.get("height", math.inf)
@@ -110,6 +112,10 @@ def box_ok(box, image: dict) -> bool:
 def named_categories(classes: list[str], categories: list[dict], source: str | Path,
                      fix: str = "set data.category_ids to the matching ids") -> list[int]:
     """The category ids of ``classes``, by name, in that order (``source`` names the file in messages)."""
+    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    if repeated:
+        raise UsageError(f"the model's classes repeat the names {first(repeated)}, so {source}'s categories cannot be "
+                         "matched by name; set data.category_ids to the ids to use")
     ids = {}
     for category in categories:
         ids.setdefault(str(category.get("name", category["id"])), category["id"])
@@ -118,6 +124,11 @@ def named_categories(classes: list[str], categories: list[dict], source: str | P
         raise UsageError(f"{source} has no categories named {first(absent)} (the model's classes are "
                          f"{first(classes, 20)}); {fix}")
     return [ids[name] for name in classes]
+
+
+def is_number(value) -> bool:
+    """An int or float as JSON gives them: not a string such as "0.9", not true/false."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def first(items, count: int = 5) -> str:
@@ -156,6 +167,7 @@ class CocoDetection(Dataset):
         self.dropped_files: dict[str, str] = {}  # image file name -> why it was dropped (skip_invalid)
         data = read_annotation_file(self.ann_file) if annotations is None else check_annotations(annotations, ann_file)
         categories = {c["id"]: c for c in data["categories"]}
+        chosen = category_ids is not None  # by the recipe: names may repeat, the ids decide
         if category_ids is None:
             category_ids = label_categories(data) if classes is None else named_categories(classes, data["categories"], self.ann_file)
         absent = [c for c in category_ids if c not in categories]
@@ -166,6 +178,11 @@ class CocoDetection(Dataset):
             raise UsageError(f"data.category_ids: {list(category_ids)} lists an id twice")
         self.category_ids = [int(c) for c in category_ids]
         self.classes = [str(categories[c].get("name", c)) for c in self.category_ids]
+        shared = sorted({name for name in self.classes if self.classes.count(name) > 1})
+        if shared and not chosen:
+            ids = [c for c, name in zip(self.category_ids, self.classes) if name == shared[0]]
+            raise UsageError(f"{self.ann_file}: categories {first(ids)} share the name {shared[0]!r}; class names "
+                             "must be unique: rename one, or list the ids to learn in data.category_ids")
         self.label_of = {c: i for i, c in enumerate(self.category_ids)}
 
         images = self._present_images(data["images"])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dfx.data.coco import is_number
 from dfx.files import read_json, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -172,11 +173,6 @@ def entry_problem(entry, iou_type: str) -> str | None:
 
 def is_integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value) -> bool:
-    """An int or float as JSON gives them: not a string such as "0.9", not true/false."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_mask(value) -> bool:

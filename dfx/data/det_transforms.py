@@ -33,7 +33,7 @@ def resized_shape(height: int, width: int, shorter: int, max_size: int) -> tuple
     """
     short, long = min(height, width), max(height, width)
     if long / short * shorter > max_size:
-        shorter = int(round(max_size * short / long))
+        shorter = max(1, int(round(max_size * short / long)))  # a 4000x10 strip: 1 px, not 0
     if short == shorter:
         return height, width
     other = max(1, int(shorter * long / short))
