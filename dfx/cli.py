@@ -869,7 +869,8 @@ def recipes(
         for column in ("recipe", "task", "what"):
             table.add_column(column, overflow="fold")
         for item in result["recipes"]:
-            table.add_row(Text(item["path"]), item["task"] or "-", Text(item["summary"]))
+            what = Text(f"cannot be read: {item['error']}", style="red") if "error" in item else Text(item["summary"])
+            table.add_row(Text(item["path"]), item["task"] or "-", what)
         out.print(table)
 
     run(work, json_out=json_out, debug=debug, show=show)
