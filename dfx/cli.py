@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 import dfx
-from dfx.errors import DfxError, UsageError, rank_label
+from dfx.errors import DfxError, Terminated, UsageError, note_sigterm, rank_label, reset_sigterm, sigterm_received
 from dfx.log import log_to_stderr, logger
 
 try:  # Typer's command-line parse errors (it ships its own copy of click)
@@ -100,25 +100,26 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what schedulers such as SLURM send before killing a job), raised like Ctrl-C."""
-
-
 def _on_sigterm(signum, frame) -> None:
+    note_sigterm()
     raise Terminated
 
 
 def handle_sigterm() -> None:
     """Stop on SIGTERM as on SIGINT: the current step is discarded, the run directory keeps its
     last committed epoch, and the error/JSON contract holds (exit 143)."""
+    reset_sigterm()
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-def _interrupted(error: KeyboardInterrupt) -> tuple[int, str]:
-    """Exit code (128 + signal number) and message for SIGINT/SIGTERM."""
+TRAIN_RESUME = "a training run keeps its last completed epoch (continue it with `dfx train RECIPE --resume`)"
+COMPARE_RESUME = "finished runs are kept; repeat the same dfx compare command to resume the comparison"
+
+
+def _interrupted(error: KeyboardInterrupt, resume: str = TRAIN_RESUME) -> tuple[int, str]:
+    """Exit code (128 + signal number) and message for SIGINT/SIGTERM; ``resume`` says how to go on."""
     signal_name = "SIGTERM" if isinstance(error, Terminated) else "SIGINT"
-    return 128 + getattr(signal, signal_name), (f"interrupted by {signal_name}; a training run keeps its last "
-                                                "completed epoch (continue it with `dfx train RECIPE --resume`)")
+    return 128 + getattr(signal, signal_name), f"interrupted by {signal_name}; {resume}"
 
 
 def report(message: str, code: int, json_out: bool) -> None:
@@ -130,7 +131,7 @@ def report(message: str, code: int, json_out: bool) -> None:
 
 
 def run(work: Callable[[], dict], *, json_out: bool, debug: bool, show: Callable[[dict], None],
-        quiet: bool = False) -> None:
+        quiet: bool = False, resume: str = TRAIN_RESUME) -> None:
     """Call ``work`` and print its result; turn errors into a line and an exit code.
 
     dfx's log records go to stderr, warnings and errors only with ``--quiet``.
@@ -143,11 +144,13 @@ def run(work: Callable[[], dict], *, json_out: bool, debug: bool, show: Callable
             traceback.print_exc()
         code, message = e.exit_code, _one_line(e)
     except KeyboardInterrupt as e:
-        code, message = _interrupted(e)
+        code, message = _interrupted(e, resume)
     except Exception as e:  # a bug or an unexpected library error
         if debug:
             traceback.print_exc()
-        if "dfx.errors.UsageError" in str(e):  # raised in a data-loader worker, re-raised wrapped
+        if sigterm_received():  # the SIGTERM landed in library code that wrapped it (or killed a worker)
+            code, message = _interrupted(Terminated(), resume)
+        elif "dfx.errors.UsageError" in str(e):  # raised in a data-loader worker, re-raised wrapped
             code, message = 2, _one_line(e)
         else:
             hint = "" if debug else " (run with --debug for the traceback)"
@@ -224,6 +227,9 @@ def _seeds_list(argv: list[str]) -> list[str]:
     return fixed
 
 
+MAX_SEEDS = 10_000  # each seed is a training run per variant: more is a typo
+
+
 def parse_seeds(text: str) -> list[int]:
     """``"0,1,2"`` or ``"0-7"`` (inclusive) or a mix, as a list of seeds."""
     seeds = []
@@ -231,6 +237,13 @@ def parse_seeds(text: str) -> list[int]:
         low, dash, high = part.partition("-")
         if not low.isdigit() or (dash and not high.isdigit()):
             raise UsageError(f"--seeds: {part!r} is not a seed or a range like 0-7")
+        if dash and int(high) < int(low):
+            raise UsageError(f"--seeds: the range {part} is empty (it ends below its start); write it as "
+                             f"{high}-{low}")
+        count = len(seeds) + (int(high) - int(low) + 1 if dash else 1)
+        if count > MAX_SEEDS:
+            raise UsageError(f"--seeds: {part} makes {count} seeds (one training run per variant each); "
+                             f"at most {MAX_SEEDS}")
         seeds += list(range(int(low), int(high) + 1)) if dash else [int(low)]
     return seeds
 
@@ -300,6 +313,8 @@ def eval_(
                                                     "--annotations instead of running a model."),
     annotations: Optional[Path] = typer.Option(None, "--annotations", metavar="FILE",
                                                help="The COCO annotation JSON --predictions are scored against."),
+    strict: bool = typer.Option(False, "--strict", help="--predictions: an empty results list is an error (exit 2) "
+                                                        "instead of a warning."),
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
     json_out: JsonOption = False,
@@ -327,7 +342,7 @@ def eval_(
                 raise UsageError("--predictions evaluates a results file: drop the run directory / overrides")
             from dfx.data.coco_eval import evaluate_results_file
 
-            return evaluate_results_file(predictions, annotations)
+            return evaluate_results_file(predictions, annotations, strict)
         if run_or_checkpoint is None:
             raise UsageError("dfx eval needs a run directory or checkpoint, or --predictions FILE --annotations FILE")
         from dfx.engine import evaluate_checkpoint
@@ -336,7 +351,8 @@ def eval_(
 
     def show(result: dict) -> None:
         epoch = f" (epoch {result['epoch']})" if result.get("epoch") is not None else ""
-        title = (f"{Path(result['predictions']).name} ({result['detections']} detections on {result['images']} images)"
+        title = (f"{Path(result['predictions']).name} ({result['detections']} {result['iou_type']} results on "
+                 f"{result['images']} images)"
                  if "detections" in result else f"{result['checkpoint']}{epoch}")
         out.print(_metrics_table(escape(title), result["metrics"]))
         if result.get("no_ground_truth"):
@@ -385,6 +401,9 @@ def data_check(
         from dfx.data_check import check_data
 
         report.update(check_data(target, items, decode=not no_decode, progress=not (quiet or json_out)))
+        if not report["ok"]:  # the JSON of a failing check says so as every failing command does
+            fatal = next(p for p in report["problems"] if p["fatal"])
+            report.update(error=f"{fatal['split']}: {fatal['detail']}", exit_code=1)
         return report
 
     run(work, json_out=json_out, debug=debug, quiet=quiet, show=_show_data_report)
@@ -672,7 +691,8 @@ def fuse(
             return
         _show_compare(result)
 
-    run(work, json_out=json_out, debug=debug, quiet=quiet, show=show)
+    run(work, json_out=json_out, debug=debug, quiet=quiet, show=show,
+        resume=COMPARE_RESUME if compare is not None else TRAIN_RESUME)
 
 
 @app.command()
@@ -708,7 +728,7 @@ def compare(
         return run_compare(specs, common, seeds=parse_seeds(seeds), jobs=jobs, name=name, out=out_dir,
                            device=device, log=logger.info)
 
-    run(work, json_out=json_out, debug=debug, quiet=quiet, show=_show_compare)
+    run(work, json_out=json_out, debug=debug, quiet=quiet, show=_show_compare, resume=COMPARE_RESUME)
 
 
 def _is_override(arg: str) -> bool:
@@ -748,6 +768,10 @@ def predict(
                                                  help="Fusion: the files of another modality, e.g. depth=scans/ "
                                                       "(SOURCE is the first of data.modalities)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/predict/<name>[-N])."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", metavar="FILE",
+                                               help="Detection: number the COCO results by this annotation file's "
+                                                    "image and category ids (default: the one beside the images, "
+                                                    "e.g. _annotations.coco.json; else file order)."),
     conf: Optional[float] = typer.Option(None, "--conf", metavar="T",
                                          help="Detection: keep boxes scoring >= T (default 0.25). Segmentation: "
                                               "pixels below T get 255. Classification: list classes >= T."),
@@ -776,7 +800,7 @@ def predict(
         for name, source in _modality_options(modality):
             others.setdefault(name, []).append(source)
         return run_predict(weights, paths, modalities=others, out=out_dir, conf=conf, batch=batch,
-                           overrides=overrides, device=device, quiet=quiet or json_out)
+                           overrides=overrides, device=device, quiet=quiet or json_out, annotations=annotations)
 
     def show(result: dict) -> None:
         counts = f"{result['images']} images"
@@ -786,6 +810,9 @@ def predict(
             names = ", ".join(Path(s["file"]).name for s in result["skipped_files"][:5])
             counts += f"; skipped {result['skipped']} ({names}{', ...' if result['skipped'] > 5 else ''})"
         out.print(f"{counts} in {result['elapsed_s']:.1f} s -> {result['out']}", highlight=False)
+        if "numbering" in result:
+            out.print(f"ids: image_id = {result['numbering']['image_id']}; category_id = "
+                      f"{result['numbering']['category_id']}", markup=False, highlight=False)
         _print_files(result, ("predictions", "results", "labels", "depth", "pictures"))
 
     run(work, json_out=json_out, debug=debug, quiet=quiet, show=show)
@@ -878,7 +905,8 @@ def recipes(
         for column in ("recipe", "task", "what"):
             table.add_column(column, overflow="fold")
         for item in result["recipes"]:
-            table.add_row(Text(item["path"] if folder else item["name"]), item["task"] or "-", Text(item["summary"]))
+            what = Text(f"cannot be read: {item['error']}", style="red") if "error" in item else Text(item["summary"])
+            table.add_row(Text(item["path"] if folder else item["name"]), item["task"] or "-", what)
         out.print(table)
 
     run(work, json_out=json_out, debug=debug, show=show)

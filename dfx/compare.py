@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from dfx.errors import UsageError
+from dfx.errors import RunError, UsageError
 from dfx.files import atomic_write, save_figure, write_text_atomic
 from dfx.recipe import Recipe, load_recipe
 
@@ -283,6 +283,11 @@ def compare(specs: Iterable[str], overrides: Iterable[str] = (), *, seeds: Itera
               "readings": [reading_line(r["variant"], rows[0]["variant"], r["vs_first"], metric) for r in rows[1:]],
               "runs": ordered, "dir": str(folder)}
     write_report(folder, report)
+    empty = [row for row in rows if not row["per_seed"]]
+    if empty:
+        failure = empty[0]["failed"][0] if empty[0]["failed"] else {"seed": "-", "reason": f"no {metric}"}
+        raise RunError(f"dfx compare: every run of {', '.join(r['variant'] for r in empty)} failed (seed "
+                       f"{failure['seed']}: {failure['reason']}); nothing to compare, see {folder}/compare.md")
     return report
 
 

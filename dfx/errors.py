@@ -31,6 +31,33 @@ class RunError(DfxError):
     exit_code = 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers such as SLURM send before killing a job), raised like Ctrl-C."""
+
+
+_terminated = [False]  # a SIGTERM arrived (set by the CLI's handler)
+
+
+def note_sigterm() -> None:
+    _terminated[0] = True
+
+
+def reset_sigterm() -> None:
+    _terminated[0] = False
+
+
+def sigterm_received() -> bool:
+    return _terminated[0]
+
+
+def stop_if_terminated() -> None:
+    """Raise :class:`Terminated` if a SIGTERM arrived. The handler raises it where the signal lands,
+    which can be code that swallows it (a ``__del__``, a finaliser) or wraps it in another error;
+    the training loop checks here between steps so that the run still stops."""
+    if _terminated[0]:
+        raise Terminated
+
+
 def rank_label() -> str:
     """``"rank N: "`` in a multi-process run (prefixes error messages), else empty."""
     return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""

@@ -112,11 +112,11 @@ def example_inputs(recipe, size: tuple[int, int], image: str | os.PathLike | Non
     try:
         if recipe.task == "detection":  # resized as dfx predict does, to fit the canvas
             from dfx.data.det_transforms import DetectionTransform
-            from dfx.predict import read_image
+            from dfx.data.images import read_rgb
 
             transform = DetectionTransform(False, scales=[min(size)], max_size=max(size), mean=recipe.data.mean,
                                            std=recipe.data.std)
-            tensor, _ = transform(read_image(paths[0]), {"boxes": torch.zeros(0, 4),
+            tensor, _ = transform(read_rgb(paths[0]), {"boxes": torch.zeros(0, 4),
                                                          "labels": torch.zeros(0, dtype=torch.long)})
         else:
             _, tensor = PREDICTORS[recipe.task](recipe, [], 0.0, Path(".")).load(paths)
@@ -141,7 +141,7 @@ def export(weights: str | os.PathLike, *, format: str = "onnx", out: str | os.Pa
     """Export the model of ``weights`` (run directory, dfx checkpoint, or recipe with model.weights) to
     ONNX and compare onnxruntime's outputs with PyTorch's on ``image`` (batch 1, and batch 2 with
     ``dynamic_batch``). Returns the file, its inputs / outputs and the check's numbers."""
-    from dfx.engine.rundir import new_run_dir
+    from dfx.engine.rundir import check_out_path, new_run_dir
     from dfx.models import build
 
     if format != "onnx":
@@ -158,6 +158,8 @@ def export(weights: str | os.PathLike, *, format: str = "onnx", out: str | os.Pa
     size = _input_size(recipe, image_size)
     names, inputs, source = example_inputs(recipe, size, image, modalities)
     outputs = {"detection": ["pred_logits", "pred_boxes"], "depth": ["depth"]}.get(recipe.task, ["logits"])
+    if out is not None and Path(out).suffix == ".onnx":
+        check_out_path(Path(out), "an .onnx file")
     path = Path(out) if out is not None and Path(out).suffix == ".onnx" else \
         new_run_dir("export", recipe.name, out, resumable=False) / "model.onnx"
     if path.exists():

@@ -3,10 +3,15 @@
 WEIGHTS is a run directory, a dfx checkpoint or a recipe with ``model.weights=`` (dfx.models.build);
 SOURCE is image files, folders or globs. Everything goes to ``runs/predict/<name>[-N]/`` (or ``--out``):
 
-* detection: ``predictions.json`` (COCO results: ``image_id`` = the line's index in
-  ``predictions.jsonl``, ``bbox`` x y w h in the original image's pixels), ``predictions.jsonl`` (one
-  line per image: file, size and ``detections`` with class, score and xyxy box) and ``images/`` (the
-  boxes drawn with class and score);
+* detection: ``predictions.json`` (COCO results, ``bbox`` x y w h in the original image's pixels,
+  exactly as ``dfx eval`` writes them), ``predictions.jsonl`` (one line per image: file, size,
+  ``image_id`` and ``detections`` with class, score and xyxy box clipped to the image) and ``images/``
+  (the boxes drawn with class and score). The ids are a dataset's when its COCO annotation file is
+  given (``--annotations``) or lies beside the images (Roboflow's ``_annotations.coco.json``):
+  images matched by file name, categories by class name, so that ``dfx eval --predictions``
+  scores them; for a free folder of photos ``image_id`` is the line's 0-based index in
+  ``predictions.jsonl`` and ``category_id`` the class index (or ``data.category_ids``). The summary's
+  ``numbering`` says which;
 * segmentation and fusion: ``labels/<stem>.png`` (uint8 class ids at the original size; 255 where
   the confidence is below ``conf``), ``images/`` (the classes over the image) and the JSON lines
   (each class's share of the pixels);
@@ -34,26 +39,19 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from dfx.data.images import IMAGE_SUFFIXES, read_rgb
 from dfx.errors import UsageError
 from dfx.predict_depth import DepthPredictor
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm", ".tif", ".tiff", ".webp", ".gif")
 DEFAULT_CONF = {"detection": 0.25}  # other tasks: 0 (every pixel labelled, top-5 classes listed)
 
 
-def read_image(path: Path) -> Image.Image:
-    """An image file as RGB, EXIF orientation applied (OSError / UnidentifiedImageError if unreadable)."""
-    with Image.open(path) as image:
-        image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
-
-
 def collect_files(sources: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files named by ``sources`` (files, folders: every file in them, globs), in order, without repeats."""
+    """Files named by ``sources`` (files, folders: every file in them, globs), in order, each file once."""
     files: list[Path] = []
     seen: set[Path] = set()
     for source in sources:
@@ -70,8 +68,11 @@ def collect_files(sources: Iterable[str | os.PathLike]) -> list[Path]:
             what = "is an empty folder" if path.is_dir() else "matches no file" if found is not None else \
                 "does not exist"
             raise UsageError(f"SOURCE {source}: {what}; pass image files, folders or globs such as 'photos/*.jpg'")
-        files += [f for f in found if f not in seen]
-        seen.update(found)
+        for file in found:  # the same file once, however reached (a symlink loop under ``**``)
+            key = file.resolve()
+            if key not in seen:
+                seen.add(key)
+                files.append(file)
     return files
 
 
@@ -125,6 +126,8 @@ class Predictor:
 
 
 class DetectionPredictor(Predictor):
+    """COCO results numbered by a dataset (:meth:`number_by`) or, for free photos, by file order."""
+
     def __init__(self, recipe, classes, conf, out):
         from dfx.data.det_transforms import DetectionTransform
 
@@ -133,10 +136,47 @@ class DetectionPredictor(Predictor):
         self.transform = DetectionTransform(False, scales=data.scales, max_size=data.max_size, mean=data.mean,
                                             std=data.std)
         self.category_ids = list(getattr(data, "category_ids", None) or range(len(classes)))
+        self.image_ids: dict[Path, int] | None = None  # file -> the dataset's image id (None: file order)
+        self.numbering = {"image_id": "the image's 0-based line in predictions.jsonl (file order)",
+                          "category_id": "data.category_ids" if getattr(data, "category_ids", None) else
+                          "the class's 0-based index in 'categories'"}
         self.results: list[dict] = []
 
+    def number_by(self, ann_file: Path, files: list[Path], found: bool) -> None:
+        """Use the image and category ids of the COCO file ``ann_file``: images matched by file name,
+        categories by class name. ``found``: the file was found beside the images rather than
+        given; files it does not list then keep file-order numbering (with a warning)."""
+        try:
+            self._number_by(ann_file, files)
+        except UsageError as e:
+            if not found:
+                raise
+            logger.warning(f"dfx predict: not numbering by {ann_file} ({e}); the results are numbered by file order")
+
+    def _number_by(self, ann_file: Path, files: list[Path]) -> None:
+        from dfx.data.coco import first, named_categories, read_annotation_file
+
+        data = read_annotation_file(ann_file)
+        ids_of: dict[str, list[int]] = {}
+        for image in data["images"]:
+            ids_of.setdefault(Path(str(image["file_name"])).name, []).append(image["id"])
+        absent = [f for f in files if f.name not in ids_of]
+        if absent:
+            raise UsageError(f"--annotations: {len(absent)} of {len(files)} images are not listed in {ann_file} "
+                             f"({first(f.name for f in absent)}); predict only that dataset's images, or leave out "
+                             "--annotations (file-order numbering)")
+        twice = sorted(name for name, ids in ids_of.items() if len(ids) > 1 and any(f.name == name for f in files))
+        if twice:
+            raise UsageError(f"{ann_file}: file names {first(twice)} are listed under several image ids; "
+                             "fix the file so that each image is listed once")
+        self.category_ids = named_categories(self.classes, data["categories"], ann_file,
+                                             "pass the annotations of the data the model was trained on")
+        self.image_ids = {f: ids_of[f.name][0] for f in files}
+        self.numbering = {"image_id": f"{ann_file} (matched by file name)",
+                          "category_id": f"{ann_file} (matched by class name)"}
+
     def load(self, paths):
-        image = read_image(paths[0])
+        image = read_rgb(paths[0])
         tensor, _ = self.transform(image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)})
         return np.asarray(image), tensor
 
@@ -151,6 +191,12 @@ class DetectionPredictor(Predictor):
         return [{k: v[d["scores"] >= self.conf].cpu() for k, v in d.items()} for d in found]
 
     def write(self, paths, picture, output):
+        from dfx.data.coco_eval import to_coco_results
+
+        image_id = len(self.names) if self.image_ids is None else self.image_ids[paths[0]]
+        # the results exactly as `dfx eval` writes them (boxes unclipped, scores unrounded): same AP
+        self.results += to_coco_results([image_id], [output["boxes"]], [output["scores"]], [output["labels"]],
+                                        self.category_ids)
         height, width = picture.shape[:2]
         boxes = output["boxes"].clamp(min=0)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(max=width)
@@ -158,11 +204,6 @@ class DetectionPredictor(Predictor):
         detections = [{"class": self.classes[int(k)], "class_id": int(k), "score": round(float(s), 5),
                        "box": [round(float(v), 2) for v in box]}
                       for box, s, k in zip(boxes, output["scores"], output["labels"])]
-        image_id = len(self.names)
-        for d in detections:
-            x0, y0, x1, y1 = d["box"]
-            self.results.append({"image_id": image_id, "category_id": self.category_ids[d["class_id"]],
-                                 "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)], "score": d["score"]})
         name = self.unique_stem(paths[0])
         draw_boxes(picture, detections, self.classes).save(self.out / "images" / f"{name}.jpg", quality=90)
         return {"image_id": image_id, "detections": detections}
@@ -171,7 +212,9 @@ class DetectionPredictor(Predictor):
         from dfx.data.coco_eval import write_results
 
         write_results(self.out / "predictions.json", self.results)
-        return {"predictions": str(self.out / "predictions.json")}
+        categories = [{"id": int(c), "name": name} for c, name in zip(self.category_ids, self.classes)]
+        return {"predictions": str(self.out / "predictions.json"),
+                "numbering": {**self.numbering, "categories": categories}}
 
 
 class SegmentationPredictor(Predictor):
@@ -183,7 +226,7 @@ class SegmentationPredictor(Predictor):
         self.transform = SegmentationTransform(data.image_size, False, mean=data.mean, std=data.std)
 
     def load(self, paths):
-        image = read_image(paths[0])
+        image = read_rgb(paths[0])
         tensor, _ = self.transform(image, np.zeros((image.height, image.width), dtype=np.uint8))
         return np.asarray(image), tensor
 
@@ -244,7 +287,7 @@ class ClassificationPredictor(Predictor):
         self.transform = transforms(recipe.data, training=False)
 
     def load(self, paths):
-        image = read_image(paths[0])
+        image = read_rgb(paths[0])
         return np.asarray(image), self.transform(image)
 
     def run(self, model, inputs, pictures, device):
@@ -305,8 +348,13 @@ def overlay_classes(picture: np.ndarray, label_map: np.ndarray, num_classes: int
 
 def predict(weights: str | os.PathLike, sources: list[str], *, modalities: dict[str, list[str]] | None = None,
             out: str | os.PathLike | None = None, conf: float | None = None, batch: int = 4,
-            overrides: Iterable[str] = (), device: str = "auto", quiet: bool = False) -> dict:
-    """Run the model of ``weights`` on ``sources``; returns a summary (output folder, counts, files)."""
+            overrides: Iterable[str] = (), device: str = "auto", quiet: bool = False,
+            annotations: str | os.PathLike | None = None) -> dict:
+    """Run the model of ``weights`` on ``sources``; returns a summary (output folder, counts, files).
+
+    ``annotations``: detection: the COCO file whose image and category ids the results take (default:
+    a COCO export's annotation file beside the images, if there is one); see :meth:`DetectionPredictor.number_by`.
+    """
     from dfx.engine import distributed as D
     from dfx.engine.progress import track
     from dfx.engine.rundir import new_run_dir
@@ -322,15 +370,25 @@ def predict(weights: str | os.PathLike, sources: list[str], *, modalities: dict[
                          "model.weights=FILE, or a run directory or dfx checkpoint")
     if recipe.task not in PREDICTORS:
         raise UsageError(f"dfx predict does not handle task {recipe.task!r}; it handles {', '.join(PREDICTORS)}")
+    if annotations is not None and recipe.task != "detection":
+        raise UsageError(f"--annotations numbers detection results; this model's task is {recipe.task}")
+    if annotations is not None and not Path(annotations).is_file():
+        raise UsageError(f"--annotations {annotations}: no such file; pass the COCO annotation JSON of the images")
     samples = _samples(recipe, sources, modalities or {})
+    ann_file = Path(annotations) if annotations is not None else None
+    if recipe.task == "detection":
+        ann_file = ann_file or _annotations_beside([s[0] for s in samples])
+        samples = [s for s in samples if ann_file is None or s[0].resolve() != ann_file.resolve()]
     device = D.resolve_device(device)
     model.to(device)
-    folder = new_run_dir("predict", recipe.name, out, resumable=False)
+    conf = DEFAULT_CONF.get(recipe.task, 0.0) if conf is None else conf
+    predictor = PREDICTORS[recipe.task](recipe, task.classes, conf, Path("."))
+    if ann_file is not None:  # checked before anything is written
+        predictor.number_by(ann_file, [s[0] for s in samples], found=annotations is None)
+    folder = predictor.out = new_run_dir("predict", recipe.name, out, resumable=False)
     (folder / "images").mkdir()
     if recipe.task in ("segmentation", "fusion"):
         (folder / "labels").mkdir()
-    conf = DEFAULT_CONF.get(recipe.task, 0.0) if conf is None else conf
-    predictor = PREDICTORS[recipe.task](recipe, task.classes, conf, folder)
     skipped: list[dict] = []
     done, t0 = 0, time.perf_counter()
     lines = folder / "predictions.jsonl"
@@ -346,6 +404,9 @@ def predict(weights: str | os.PathLike, sources: list[str], *, modalities: dict[
                     stream.write(json.dumps(line) + "\n")
                 stream.flush()
                 done += len(chunk)
+    if not done:
+        raise UsageError(f"dfx predict: none of the {len(samples)} files could be read as an image (first: "
+                         f"{skipped[0]['file']}: {skipped[0]['reason']}); pass image files, folders or globs")
     files = {"results": str(lines), "pictures": str(folder / "images"), **predictor.finish()}
     if recipe.task in ("segmentation", "fusion"):
         files["labels"] = str(folder / "labels")
@@ -354,6 +415,18 @@ def predict(weights: str | os.PathLike, sources: list[str], *, modalities: dict[
     if recipe.task == "detection":
         summary["detections"] = len(predictor.results)
     return summary
+
+
+def _annotations_beside(files: list[Path]) -> Path | None:
+    """The annotation file of a COCO export (Roboflow's ``_annotations.coco.json``...) in the one folder
+    that holds ``files``, if there is one."""
+    from dfx.data.formats import EXPORT_FILES
+
+    folders = {f.parent for f in files}
+    if len(folders) != 1:
+        return None
+    folder = folders.pop()
+    return next((folder / name for name in EXPORT_FILES if (folder / name).is_file()), None)
 
 
 def _read_batch(predictor: Predictor, samples: list[list[Path]], skipped: list[dict]):

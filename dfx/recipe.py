@@ -554,9 +554,11 @@ def list_recipes(folder: str | Path | None = None) -> list[dict]:
     for path in sorted(p for p in folder.glob("*.y*ml") if p.suffix in RECIPE_SUFFIXES):
         lines = path.read_text().splitlines()
         comment = next((line.lstrip("# ").strip() for line in lines if line.startswith("#") and line.strip("# ")), "")
+        task, error = None, None
         try:
             task = load_tree(path).get("task")  # through _base_ parents
-        except UsageError:
-            task = None
-        found.append({"name": path.stem, "path": str(path), "task": task, "summary": comment})
+        except UsageError as e:  # listed with the reason, not silently without a task
+            error = str(e)
+        found.append({"name": path.stem, "path": str(path), "task": task, "summary": comment,
+                      **({"error": error} if error else {})})
     return found

@@ -47,7 +47,7 @@ def test_eval_of_a_results_file_rejects_foreign_ids(tmp_path):
     annotations = str(REFERENCE / "instances_val2014_100.json")
     result = CliRunner().invoke(app, ["eval", "--predictions", str(tmp_path / "r.json"), "--annotations", annotations])
     assert result.exit_code == 2
-    assert "1 detections in" in result.output and "123456789" in result.output and "--annotations" in result.output
+    assert "1 of " in result.output and "123456789" in result.output and "--annotations" in result.output
     result = CliRunner().invoke(app, ["eval", "--predictions", str(tmp_path / "r.json")])
     assert result.exit_code == 2 and "--predictions and --annotations go together" in result.output
 

@@ -49,6 +49,9 @@ def check_annotations(data, source: str | Path) -> dict:
     exports whose ids start at 0, repeat or are missing are renumbered 1..N (nothing else refers
     to annotation ids).
     """
+    if isinstance(data, list):
+        raise UsageError(f"annotation file {source}: a JSON list (a results file?), not a COCO annotation dict with "
+                         "'images', 'annotations' and 'categories'; did you swap --predictions and --annotations?")
     if not isinstance(data, dict) or not data.get("images"):
         raise UsageError(f"annotation file {source}: empty annotation file (no 'images' list); "
                          "a COCO file needs 'images', 'annotations' and 'categories'")
@@ -56,6 +59,12 @@ def check_annotations(data, source: str | Path) -> dict:
     if broken:
         raise UsageError(f"annotation file {source}: {len(broken)} image records lack 'id' or 'file_name' (first: "
                          f"images[{broken[0]}]); every image record needs both")
+    image_ids = [im["id"] for im in data["images"]]
+    if len(set(image_ids)) < len(image_ids):
+        seen: set = set()
+        twice = [i for i in image_ids if i in seen or seen.add(i)]
+        raise UsageError(f"annotation file {source}: {len(twice)} image records repeat an image id ({first(twice)}); "
+                         "every image needs its own id")
     data = {**data, "annotations": data.get("annotations") or [], "categories": data.get("categories") or []}
     ids = [a.get("id") for a in data["annotations"]]
     if not all(isinstance(i, int) and i > 0 for i in ids) or len(set(ids)) < len(ids):
@@ -91,11 +100,35 @@ def quiet_coco(dataset: dict):
 
 
 def box_ok(box, image: dict) -> bool:
-    """A COCO [x, y, w, h] with positive size that overlaps its image (when the image's size is known)."""
-    if not (isinstance(box, (list, tuple)) and len(box) == 4 and box[2] > 0 and box[3] > 0):
+    """A COCO [x, y, w, h] of finite numbers with positive size that overlaps its image (when the
+    image's size is known)."""
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(is_number(v) and math.isfinite(v) for v in box)
+            and box[2] > 0 and box[3] > 0):
         return False
     x, y, w, h = box
     return x + w > 0 and y + h > 0 and x < image.get("width", math.inf) and y < image.get("height", math.inf)
+
+
+def named_categories(classes: list[str], categories: list[dict], source: str | Path,
+                     fix: str = "set data.category_ids to the matching ids") -> list[int]:
+    """The category ids of ``classes``, by name, in that order (``source`` names the file in messages)."""
+    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    if repeated:
+        raise UsageError(f"the model's classes repeat the names {first(repeated)}, so {source}'s categories cannot be "
+                         "matched by name; set data.category_ids to the ids to use")
+    ids = {}
+    for category in categories:
+        ids.setdefault(str(category.get("name", category["id"])), category["id"])
+    absent = [name for name in classes if name not in ids]
+    if absent:
+        raise UsageError(f"{source} has no categories named {first(absent)} (the model's classes are "
+                         f"{first(classes, 20)}); {fix}")
+    return [ids[name] for name in classes]
+
+
+def is_number(value) -> bool:
+    """An int or float as JSON gives them: not a string such as "0.9", not true/false."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def first(items, count: int = 5) -> str:
@@ -134,8 +167,9 @@ class CocoDetection(Dataset):
         self.dropped_files: dict[str, str] = {}  # image file name -> why it was dropped (skip_invalid)
         data = read_annotation_file(self.ann_file) if annotations is None else check_annotations(annotations, ann_file)
         categories = {c["id"]: c for c in data["categories"]}
+        chosen = category_ids is not None  # by the recipe: names may repeat, the ids decide
         if category_ids is None:
-            category_ids = label_categories(data) if classes is None else self._named(classes, data["categories"])
+            category_ids = label_categories(data) if classes is None else named_categories(classes, data["categories"], self.ann_file)
         absent = [c for c in category_ids if c not in categories]
         if absent:
             raise UsageError(f"data.category_ids: {first(absent)} not among the categories of {self.ann_file} "
@@ -144,6 +178,11 @@ class CocoDetection(Dataset):
             raise UsageError(f"data.category_ids: {list(category_ids)} lists an id twice")
         self.category_ids = [int(c) for c in category_ids]
         self.classes = [str(categories[c].get("name", c)) for c in self.category_ids]
+        shared = sorted({name for name in self.classes if self.classes.count(name) > 1})
+        if shared and not chosen:
+            ids = [c for c, name in zip(self.category_ids, self.classes) if name == shared[0]]
+            raise UsageError(f"{self.ann_file}: categories {first(ids)} share the name {shared[0]!r}; class names "
+                             "must be unique: rename one, or list the ids to learn in data.category_ids")
         self.label_of = {c: i for i, c in enumerate(self.category_ids)}
 
         images = self._present_images(data["images"])
@@ -152,17 +191,6 @@ class CocoDetection(Dataset):
                                 "categories": [categories[c] for c in self.category_ids]})
         self.ids = sorted(images)
         self.targets = self._targets(images, annotations)
-
-    def _named(self, classes: list[str], categories: list[dict]) -> list[int]:
-        """The category ids of ``classes``, by name, in that order."""
-        ids = {}
-        for category in categories:
-            ids.setdefault(str(category.get("name", category["id"])), category["id"])
-        absent = [name for name in classes if name not in ids]
-        if absent:
-            raise UsageError(f"{self.ann_file} has no categories named {first(absent)} (the model's classes are "
-                             f"{first(classes, 20)}); set data.category_ids to the matching ids")
-        return [ids[name] for name in classes]
 
     def _present_images(self, images: list[dict]) -> dict[int, dict]:
         """image id -> image record, for images whose file exists (all of them unless skip_invalid;

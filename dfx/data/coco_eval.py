@@ -13,13 +13,20 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import math
 from pathlib import Path
 
 import numpy as np
 
+from dfx.data.coco import is_number
 from dfx.files import read_json, write_text_atomic
 
+logger = logging.getLogger(__name__)
+
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# COCOeval's ten keypoint numbers (OKS instead of IoU; no small objects, 20 detections per image)
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
 
 def to_coco_results(image_ids, boxes_xyxy_abs, scores, labels, category_ids) -> list[dict]:
@@ -47,10 +54,11 @@ def to_numpy(values) -> np.ndarray:
     return np.asarray(values)
 
 
-def run_cocoeval(coco_gt, results: list[dict], image_ids: list[int] | None = None):
-    """Run pycocotools' bbox COCOeval quietly; returns ``(stats dict of STAT_NAMES, cocoeval)``.
+def run_cocoeval(coco_gt, results: list[dict], image_ids: list[int] | None = None, iou_type: str = "bbox"):
+    """Run pycocotools' COCOeval quietly; returns ``(stats dict of STAT_NAMES, cocoeval)``.
 
     ``image_ids``: evaluate on these images only (default: every image of ``coco_gt``).
+    ``iou_type``: ``bbox``, ``segm`` or ``keypoints`` (stats named by :data:`KEYPOINT_STAT_NAMES`).
     Empty ``results`` evaluate as "nothing detected" (all zeros) rather than failing.
     """
     from pycocotools.cocoeval import COCOeval
@@ -61,13 +69,14 @@ def run_cocoeval(coco_gt, results: list[dict], image_ids: list[int] | None = Non
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and tables
         # loadRes adds fields (area, id, segmentation) to the dicts it is given: hand it copies
         detections = coco_gt.loadRes([dict(r) for r in results]) if results else empty_detections(coco_gt)
-        cocoeval = COCOeval(coco_gt, detections, iouType="bbox")
+        cocoeval = COCOeval(coco_gt, detections, iouType=iou_type)
         if image_ids is not None:
             cocoeval.params.imgIds = list(image_ids)
         cocoeval.evaluate()
         cocoeval.accumulate()
         cocoeval.summarize()
-    stats = {name: max(float(value), 0.0) for name, value in zip(STAT_NAMES, cocoeval.stats)}
+    names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+    stats = {name: max(float(value), 0.0) for name, value in zip(names, cocoeval.stats)}
     return stats, cocoeval
 
 
@@ -102,12 +111,13 @@ def without_ground_truth(cocoeval) -> list[str]:
             if not (precision[:, :, k, 0, -1] > -1).any()]
 
 
-def evaluate_coco(coco_gt, results: list[dict], per_class: bool = True, image_ids: list[int] | None = None) -> dict:
+def evaluate_coco(coco_gt, results: list[dict], per_class: bool = True, image_ids: list[int] | None = None,
+                  iou_type: str = "bbox") -> dict:
     """COCO box metrics: the twelve :data:`STAT_NAMES` as floats in [0, 1] (undefined -> 0.0),
     plus, when asked, ``per_class`` {category name: AP} for the categories with ground truth and
     ``no_ground_truth`` [names of the others]. See :func:`run_cocoeval` for the arguments.
     """
-    stats, cocoeval = run_cocoeval(coco_gt, results, image_ids)
+    stats, cocoeval = run_cocoeval(coco_gt, results, image_ids, iou_type)
     if per_class:
         stats["per_class"] = class_ap(cocoeval)
         stats["no_ground_truth"] = without_ground_truth(cocoeval)
@@ -119,42 +129,164 @@ def write_results(path: str | Path, results: list[dict]) -> None:
     write_text_atomic(path, json.dumps(results))
 
 
-def read_results(path: str | Path, coco_gt) -> list[dict]:
-    """A COCO results file (a JSON list of ``{image_id, category_id, bbox: [x, y, w, h], score}``),
-    checked against the ground truth: every image and category id must be in it."""
+IOU_TYPES = {"keypoints": "keypoints", "segmentation": "segm", "bbox": "bbox"}  # the entries' key -> COCOeval's type
+KEY_OF = {kind: key for key, kind in IOU_TYPES.items()}  # COCOeval's type -> the entries' key
+FIELDS = {"bbox": "bbox [x, y, w, h]", "segm": "segmentation (RLE or polygons)", "keypoints": "keypoints [x, y, v] * K"}
+
+
+def iou_type_of(entry: dict) -> str:
+    """What a results entry is scored as: ``keypoints``, ``segm`` (it has a mask) or ``bbox``."""
+    return next((kind for key, kind in IOU_TYPES.items() if key in entry), "bbox")
+
+
+def entry_problem(entry, iou_type: str) -> str | None:
+    """Why a results entry of ``iou_type`` cannot be scored ("score is not a finite number", ...), or None."""
+    if not isinstance(entry, dict):
+        return "not a JSON object"
+    field = KEY_OF[iou_type]
+    missing = [k for k in ("image_id", "category_id", field, "score") if k not in entry]
+    if missing:
+        return f"no {', '.join(missing)}"
+    for key in ("image_id", "category_id"):
+        if not is_integer(entry[key]):
+            return f"{key} is not an integer ({entry[key]!r})"
+    if not is_number(entry["score"]):
+        return f"score is not a number ({entry['score']!r})"
+    if not math.isfinite(entry["score"]):
+        return f"score is {entry['score']}"
+    values = entry.get("bbox") if iou_type == "bbox" else entry.get("keypoints") if iou_type == "keypoints" else None
+    if values is not None:
+        if not (isinstance(values, list) and all(is_number(v) for v in values)):
+            return f"{field} is not a list of numbers ({str(values)[:40]})"
+        if not all(math.isfinite(v) for v in values):
+            return f"{field} holds NaN or infinity"
+        if iou_type == "bbox" and len(values) != 4:
+            return f"bbox has {len(values)} numbers, not 4 (x, y, w, h)"
+        if iou_type == "bbox" and (values[2] < 0 or values[3] < 0):
+            return "bbox has a negative width or height"
+        if iou_type == "keypoints" and (not values or len(values) % 3):
+            return f"keypoints has {len(values)} numbers, not 3 (x, y, visibility) per keypoint"
+    if iou_type == "segm" and not _is_mask(entry["segmentation"]):
+        return "segmentation is neither RLE ({size, counts}) nor polygons ([[x, y, ...], ...])"
+    return None
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_mask(value) -> bool:
+    if isinstance(value, dict):
+        return {"size", "counts"} <= set(value)
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(p, list) and len(p) >= 6 and all(is_number(v) and math.isfinite(v) for v in p) for p in value)
+
+
+def read_results(path: str | Path, coco_gt, strict: bool = False) -> tuple[list[dict], str]:
+    """A COCO results file checked against the ground truth ``coco_gt``: ``(entries, iou_type)``.
+
+    The IoU type comes from the entries' keys (:func:`iou_type_of`): ``keypoints``, ``segmentation``
+    (segm) or ``bbox``; a mix, a type the annotations cannot score, an entry that is not a finite
+    detection (:func:`entry_problem`) or ids not in the ground truth are a :class:`UsageError` naming
+    how many entries and the first. An empty list is a warning (a UsageError when ``strict``).
+    """
     from dfx.data.coco import first
     from dfx.errors import UsageError
 
     results = read_json(path, "--predictions:")
+    if isinstance(results, dict) and "images" in results:
+        raise UsageError(f"--predictions: {path} is a COCO annotation file, not a results list; did you swap "
+                         "--predictions and --annotations?")
     if not isinstance(results, list):
         raise UsageError(f"--predictions: {path} must hold a JSON list of detections (COCO results format: "
-                         "image_id, category_id, bbox [x, y, w, h], score)")
-    keys = {"image_id", "category_id", "bbox", "score"}
-    broken = [i for i, r in enumerate(results) if not (isinstance(r, dict) and keys <= set(r) and
-                                                       isinstance(r["bbox"], list) and len(r["bbox"]) == 4)]
-    if broken:
-        raise UsageError(f"--predictions: {path}: {len(broken)} entries are not detections (first: [{broken[0]}] = "
-                         f"{str(results[broken[0]])[:80]}); each needs image_id, category_id, bbox [x, y, w, h], score")
+                         "image_id, category_id, bbox [x, y, w, h] or segmentation or keypoints, score)")
+    if not results:
+        message = f"--predictions: {path} is an empty list: nothing detected, every metric is 0"
+        if strict:
+            raise UsageError(f"{message} (--strict); check that the detector wrote its results")
+        logger.warning(f"dfx eval: {message}")
+        return [], "bbox"
+    kinds: dict[str, list[int]] = {}
+    for i, entry in enumerate(results):
+        kinds.setdefault(iou_type_of(entry) if isinstance(entry, dict) else "bbox", []).append(i)
+    if len(kinds) > 1:
+        parts = ", ".join(f"{len(where)} {kind} (first: [{where[0]}])" for kind, where in kinds.items())
+        raise UsageError(f"--predictions: {path} mixes entry types: {parts}; a results file holds one type "
+                         "(bbox, segmentation or keypoints)")
+    iou_type = next(iter(kinds))
+    problems = [(i, why) for i, entry in enumerate(results) if (why := entry_problem(entry, iou_type))]
+    if problems:
+        i, why = problems[0]
+        raise UsageError(f"--predictions: {len(problems)} of {len(results)} entries in {path} cannot be scored "
+                         f"(first: [{i}] {why}: {str(results[i])[:80]}); each needs image_id and category_id "
+                         f"(integers), {FIELDS[iou_type]} and score (finite numbers)")
     for field, known, what in (("image_id", set(coco_gt.imgs), "images"), ("category_id", set(coco_gt.cats),
                                                                           "categories")):
-        unknown = sorted({r[field] for r in results} - known, key=str)
+        unknown = [i for i, r in enumerate(results) if r[field] not in known]
         if unknown:
-            count = sum(r[field] in set(unknown) for r in results)
-            raise UsageError(f"--predictions: {count} detections in {path} name {field}s that are not among the "
-                             f"ground truth's {what}: {first(unknown)}; are they for these --annotations?")
-    return [{k: r[k] for k in keys} for r in results]
+            names = sorted({results[i][field] for i in unknown})
+            raise UsageError(f"--predictions: {len(unknown)} of {len(results)} entries in {path} name {field}s that "
+                             f"are not among the ground truth's {what} ({first(names)}; first: [{unknown[0]}]); "
+                             "are they for these --annotations?")
+    check_scorable(coco_gt, results, iou_type, path)
+    field = KEY_OF[iou_type]
+    return [{k: r[k] for k in ("image_id", "category_id", field, "score")} for r in results], iou_type
 
 
-def evaluate_results_file(predictions: str | Path, annotations: str | Path) -> dict:
-    """COCO box metrics of any detector's results file against a COCO annotation file:
-    ``{"metrics": {STAT_NAMES..., "AP/<class>"...}, "no_ground_truth": [...], "detections": N, "images": N,
-    "predictions": PATH, "annotations": PATH}``."""
+def check_scorable(coco_gt, results: list[dict], iou_type: str, path) -> None:
+    """A UsageError unless the ground truth holds what ``iou_type`` compares: masks for segm, the
+    17 COCO person keypoints for keypoints (pycocotools' OKS constants are for those)."""
+    from dfx.errors import UsageError
+
+    annotations = coco_gt.dataset.get("annotations", [])
+    if iou_type == "segm":
+        lacking = [a.get("id") for a in annotations if not a.get("segmentation")]
+        if lacking or not annotations:
+            raise UsageError(f"--predictions: {path} holds segmentation results but {len(lacking)} of "
+                             f"{len(annotations)} annotations have no segmentation; score them against "
+                             "annotations with masks, or drop 'segmentation' from the entries to score the boxes")
+    if iou_type == "keypoints":
+        sizes = {len(r["keypoints"]) // 3 for r in results}
+        scored = {r["category_id"] for r in results}
+        lacking = [c for c in scored if not coco_gt.cats[c].get("keypoints")]
+        with_points = [a for a in annotations if a.get("category_id") in scored and a.get("keypoints")]
+        if lacking or not with_points:
+            raise UsageError(f"--predictions: {path} holds keypoint results but the annotations have no keypoints "
+                             f"for {'categories ' + str(sorted(lacking)) if lacking else 'their categories'}; score "
+                             "them against person-keypoint annotations, or drop 'keypoints' to score boxes")
+        expected = {len(a["keypoints"]) // 3 for a in with_points} | sizes
+        if expected != {17}:
+            raise UsageError(f"--predictions: keypoints: {sorted(sizes)} per result and "
+                             f"{sorted({len(a['keypoints']) // 3 for a in with_points})} per annotation; COCO "
+                             "keypoint AP (OKS) is defined for the 17 COCO person keypoints only")
+
+
+def evaluate_results_file(predictions: str | Path, annotations: str | Path, strict: bool = False) -> dict:
+    """COCO metrics of any model's results file against a COCO annotation file, with the IoU type
+    the entries call for: ``{"iou_type": "bbox"|"segm"|"keypoints", "metrics": {STAT_NAMES...,
+    "AP/<class>"...}, "no_ground_truth": [...], "detections": N, "images": N, "predictions": PATH,
+    "annotations": PATH}`` (keypoints: :data:`KEYPOINT_STAT_NAMES`)."""
     from dfx.data.coco import read_ground_truth
 
     coco_gt = read_ground_truth(annotations)
-    results = read_results(predictions, coco_gt)
-    stats = evaluate_coco(coco_gt, results)
+    results, iou_type = read_results(predictions, coco_gt, strict)
+    if iou_type == "segm":
+        results = [{**r, "segmentation": to_rle(r["segmentation"], coco_gt.imgs[r["image_id"]])} for r in results]
+    stats = evaluate_coco(coco_gt, results, iou_type=iou_type)
     per_class, missing = stats.pop("per_class"), stats.pop("no_ground_truth")
-    return {"metrics": {**stats, **{f"AP/{name}": value for name, value in per_class.items()}},
+    return {"iou_type": iou_type, "metrics": {**stats, **{f"AP/{name}": value for name, value in per_class.items()}},
             "no_ground_truth": missing, "detections": len(results), "images": len(coco_gt.imgs),
             "predictions": str(predictions), "annotations": str(annotations)}
+
+
+def to_rle(segmentation, image: dict) -> dict:
+    """A results mask as compressed RLE (what pycocotools' loadRes takes): polygons and
+    uncompressed RLE are encoded at the image's size."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, dict) and isinstance(segmentation["counts"], str):
+        return segmentation
+    height, width = image.get("height"), image.get("width")
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    return mask_utils.frPyObjects(segmentation, *segmentation["size"])

@@ -36,6 +36,8 @@ def resized_shape(height: int, width: int, shorter: int, max_size: int) -> tuple
     short, long = min(height, width), max(height, width)
     if long / short * shorter > max_size:
         shorter = int(round(max_size * short / long))
+        if shorter == 0:  # a strip (4000 x 10 px) thinner than a pixel at max_size: 1 px by max_size
+            return (1, max_size) if height <= width else (max_size, 1)
     if short == shorter:
         return height, width
     other = max(1, int(shorter * long / short))

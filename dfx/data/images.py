@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dfx.errors import UsageError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".gif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".gif")
 # EXIF orientations 5-8 rotate by 90 degrees: the displayed width is the stored height
 _TRANSPOSED = {5, 6, 7, 8}
 
@@ -39,13 +39,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def read_rgb(path: str | Path) -> Image.Image:
+    """An image file as 8-bit RGB in its displayed orientation (PIL's OSError, ValueError... if unreadable).
+
+    The one reader of dfx: training, evaluation, ``dfx predict`` and ``dfx export --image`` all
+    see the same pixels for the same file.
+    """
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as 8-bit RGB in its displayed orientation; an unreadable file is named in the error."""
+    """:func:`read_rgb`, with an unreadable file a :class:`UsageError` that names it."""
     try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
+        return read_rgb(path)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         reason = "truncated file" if _truncated(e) else str(e)
         raise UsageError(f"cannot read image {path}: {reason}; remove or replace the file "

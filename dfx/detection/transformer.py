@@ -86,9 +86,11 @@ class Encoder(nn.Module):
         """Pixel centres of every level, [B, S, L, 2] (x, y), in each level's sampling frame."""
         points = []
         for level, (height, width) in enumerate(shapes):
+            # arange + 0.5, not linspace(0.5, n - 0.5, n): the same numbers, but the ONNX exporter's
+            # linspace divides by n - 1, which is NaN for a 1-pixel level (non-square or small inputs)
             ys, xs = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, device=valid_ratios.device, dtype=valid_ratios.dtype),
-                torch.linspace(0.5, width - 0.5, width, device=valid_ratios.device, dtype=valid_ratios.dtype),
+                torch.arange(height, device=valid_ratios.device, dtype=valid_ratios.dtype) + 0.5,
+                torch.arange(width, device=valid_ratios.device, dtype=valid_ratios.dtype) + 0.5,
                 indexing="ij")
             x = xs.reshape(1, -1) / (valid_ratios[:, None, level, 0] * width)
             y = ys.reshape(1, -1) / (valid_ratios[:, None, level, 1] * height)

@@ -23,7 +23,8 @@ def new_run_dir(task: str, stem: str, out: str | Path | None = None, resumable: 
     command has ``--resume`` (say so when ``--out`` is taken)."""
     if out is not None:
         out = Path(out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        check_out_path(out, "a folder")
+        if out.exists() and any(out.iterdir()):
             fix = f"pass --resume {out} to continue that run or choose another --out" if resumable else \
                 "choose another --out (nothing there is overwritten)"
             raise UsageError(f"--out {out}: already exists and is not empty; {fix}")
@@ -41,6 +42,16 @@ def new_run_dir(task: str, stem: str, out: str | Path | None = None, resumable: 
         except OSError as e:
             raise write_error(path, e) from None
     raise UsageError(f"too many runs of {stem} under {parent}")
+
+
+def check_out_path(out: Path, kind: str) -> None:
+    """A UsageError when ``--out`` cannot be ``kind`` ("a folder", "an .onnx file"): it, or a folder
+    above it, is an existing file."""
+    if kind == "a folder" and out.is_file():
+        raise UsageError(f"--out {out}: is a file; --out names {kind} (new, or empty)")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"--out {out}: {blocking} is a file, not a folder; choose another --out")
 
 
 def _mkdir(path: Path, **kwargs) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from dfx.engine.progress import EpochProgress, track
 from dfx.log import logger, quieted
 from dfx.engine.records import log_scalars, plot, read_rows, tensorboard_writer_class, write_rows
 from dfx.engine.rundir import RunLock, check_resumable, latest_run, new_run_dir
-from dfx.errors import RunError, UsageError
+from dfx.errors import RunError, UsageError, stop_if_terminated
 from dfx.files import check_writable, remove_stale_temporaries, write_text_atomic
 from dfx.recipe import Recipe, load_recipe, task_module
 
@@ -97,13 +98,21 @@ def make_loader(dataset, batch_size: int, ctx: D.Context, *, shuffle: bool, seed
                 collate_fn=None) -> DataLoader:
     """Training loaders shard with DistributedSampler (drop_last); eval loaders take every n-th item."""
     kwargs = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
-                  pin_memory=ctx.device.type == "cuda")
+                  pin_memory=ctx.device.type == "cuda", worker_init_fn=leave_sigterm_to_the_main_process)
     if shuffle:
         sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed,
                                      drop_last=True)
         return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size)) if ctx.distributed else dataset
     return DataLoader(shard, shuffle=False, **kwargs)
+
+
+def leave_sigterm_to_the_main_process(worker_id: int) -> None:
+    """Data-loader workers ignore SIGTERM. A SIGTERM to the whole process group (``timeout``,
+    ``kill -TERM -PGID``, a scheduler's time limit) then stops the run through the main process
+    (exit 143, the run resumable), which shuts its workers down, instead of a worker dying first
+    and the run failing with "DataLoader worker ... is killed by signal: Terminated"."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @torch.no_grad()
@@ -349,6 +358,7 @@ def train_epoch(run: Run, epoch: int, progress: EpochProgress) -> dict:
     epoch_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     window, window_start, t_epoch = torch.zeros_like(epoch_sum), 1, time.perf_counter()
     for step, batch in enumerate(run.loader, 1):
+        stop_if_terminated()
         batch = to_device(batch, ctx.device)
         with autocast(run.dtype, ctx.device):
             loss, logs = run.task.loss(run.net, batch)

@@ -357,9 +357,9 @@ class Evaluator:
 
     def _write(self, results: list[dict], cocoeval) -> dict:
         import numpy as np
-        from PIL import Image
 
         from dfx.data.coco_eval import write_results
+        from dfx.data.images import load_rgb
         from dfx.detection.plots import draw_predictions, plot_pr_curve
 
         folder = Path(self.task.output_dir)
@@ -373,7 +373,7 @@ class Evaluator:
         files["pr_curve"] = folder / "pr_curve.png"
         if self.drawn:
             coco = self.dataset.coco
-            pictures = [np.asarray(Image.open(Path(self.dataset.image_dir) / coco.imgs[i]["file_name"]).convert("RGB"))
+            pictures = [np.asarray(load_rgb(Path(self.dataset.image_dir) / coco.imgs[i]["file_name"]))
                         for i, _ in self.drawn]
             draw_predictions(pictures, [d for _, d in self.drawn], self.classes, folder / "predictions.png")
             files["picture"] = folder / "predictions.png"
