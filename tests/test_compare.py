@@ -11,7 +11,7 @@ from scipy import stats
 
 from dfx.cli import parse_seeds
 from dfx.compare import Variant, compare, paired_difference, parse_variant, read_variants, reading_line, tabulate
-from dfx.errors import UsageError
+from dfx.errors import RunError, UsageError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -90,7 +90,10 @@ def test_variants_of_different_tasks_are_refused_before_training(tmp_path):
 def test_a_comparison_trains_every_seed_reports_failures_and_resumes(tiny_recipe, tmp_path):
     variants = [str(tiny_recipe), f"{tiny_recipe}:data.root=/nonexistent"]
     lines: list[str] = []
-    report = compare(variants, ["train.epochs=1"], seeds=[0, 1], jobs=2, out=tmp_path / "cmp", log=lines.append)
+    # a variant none of whose runs finished makes the comparison a failed run (exit 1), with its report written
+    with pytest.raises(RunError, match=r"every run of tiny:root=/nonexistent failed \(seed 0: data.root: /nonexistent"):
+        compare(variants, ["train.epochs=1"], seeds=[0, 1], jobs=2, out=tmp_path / "cmp", log=lines.append)
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     rows = {r["variant"]: r for r in report["rows"]}
     assert rows["tiny"]["metric"]["n"] == 2
     assert [f["seed"] for f in rows["tiny:root=/nonexistent"]["failed"]] == [0, 1]
@@ -108,7 +111,9 @@ def test_a_comparison_trains_every_seed_reports_failures_and_resumes(tiny_recipe
     # a second call trains nothing again: finished runs keep their files untouched
     marker = Path(rows["tiny"]["per_seed"] and report["runs"][0]["run_dir"]) / "metrics.jsonl"
     before = marker.stat().st_mtime_ns
-    again = compare(variants, ["train.epochs=1"], seeds=[0, 1], jobs=2, out=tmp_path / "cmp")
+    with pytest.raises(RunError, match="every run of tiny:root=/nonexistent failed"):
+        compare(variants, ["train.epochs=1"], seeds=[0, 1], jobs=2, out=tmp_path / "cmp")
+    again = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert marker.stat().st_mtime_ns == before
     assert again["rows"][0]["per_seed"] == rows["tiny"]["per_seed"]
     with pytest.raises(UsageError, match="holds a comparison of other variants"):
