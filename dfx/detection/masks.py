@@ -1,0 +1,64 @@
+"""MaskDINO's mask branch: every query becomes a mask through a dot product with a per-pixel embedding.
+
+Shapes: ``B`` images, ``Q`` queries, ``C`` width (the detector's ``dim``, also MaskDINO's mask
+dimension), ``H4 × W4`` the stride-4 map, ``H8 × W8`` the stride-8 (finest encoder) level.
+
+The per-pixel embedding (MaskDINO's pixel decoder, after its deformable encoder)::
+
+    y             = lateral(stage 4) + upsample_bilinear(encoder output at 1/8, to H4 × W4)
+    y             = ReLU(GN(conv3x3(y)))                     (output conv)
+    mask_features = conv1x1(y)                               [B, C, H4, W4]
+
+with ``lateral`` a 1×1 conv + GroupNorm of the backbone's stride-4 stage. A query's mask is
+
+    mask_embed = MLP(3)(normed query)                        [B, Q, C]
+    masks      = einsum("bqc,bchw->bqhw", mask_embed, mask_features)   [B, Q, H4, W4] logits
+
+computed for every decoder layer and for the initial (selected) queries. The detector switches the
+branch on with ``DetectorConfig.masks``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dfx.detection.backbone import _group_norm
+from dfx.detection.transformer import MLP
+
+
+def _kaiming_fill(conv: nn.Conv2d) -> nn.Conv2d:
+    """detectron2's ``c2_xavier_fill`` (the reference's initialisation of these convs): kaiming
+    uniform with a = 1, zero bias."""
+    nn.init.kaiming_uniform_(conv.weight, a=1)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+class MaskHead(nn.Module):
+    """Per-pixel embedding and per-query mask embedding (module docstring).
+
+    stage_channels: channels of the backbone's stride-4 stage; dim: the transformer width.
+    """
+
+    def __init__(self, stage_channels: int, dim: int):
+        super().__init__()
+        # GroupNorm follows the convs, so they carry no bias (as in the reference)
+        self.lateral = nn.Sequential(_kaiming_fill(nn.Conv2d(stage_channels, dim, 1, bias=False)), _group_norm(dim))
+        self.output = nn.Sequential(_kaiming_fill(nn.Conv2d(dim, dim, 3, padding=1, bias=False)), _group_norm(dim),
+                                    nn.ReLU(inplace=True))
+        self.mask_features = _kaiming_fill(nn.Conv2d(dim, dim, 1))
+        self.mask_embed = MLP(dim, dim, dim, 3)
+
+    def pixel_embedding(self, stage4: Tensor, encoded8: Tensor) -> Tensor:
+        """stage4 [B, C4, H4, W4] backbone features, encoded8 [B, C, H8, W8] the encoder's finest
+        level -> mask_features [B, C, H4, W4]."""
+        lateral = self.lateral(stage4)
+        upsampled = F.interpolate(encoded8, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+        return self.mask_features(self.output(lateral + upsampled))
+
+    def forward(self, queries: Tensor, mask_features: Tensor) -> Tensor:
+        """queries [B, Q, C] (already normed), mask_features [B, C, H4, W4] -> mask logits [B, Q, H4, W4]."""
+        return torch.einsum("bqc,bchw->bqhw", self.mask_embed(queries), mask_features)
