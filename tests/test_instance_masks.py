@@ -1,0 +1,134 @@
+"""COCO instance masks in the detection data: decoding, transforms that move them exactly, padding."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from dfx.data.coco import CocoDetection, decode_segmentations
+from dfx.data.det_transforms import DetectionTransform, collate_detection
+from dfx.errors import UsageError
+
+
+def rectangle(height, width, top, left, bottom, right) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[top:bottom, left:right] = 1
+    return mask
+
+
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE, by hand: run lengths of the column-major pixels, starting with zeros."""
+    flat = mask.flatten(order="F")
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate(([0], changes, [flat.size]))
+    counts = np.diff(bounds).tolist()
+    if flat[0]:
+        counts = [0, *counts]
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def test_polygons_and_both_rles_decode_to_their_masks():
+    known = rectangle(20, 30, 4, 6, 12, 21)
+    compressed = coco_mask.encode(np.asfortranarray(known))
+    compressed["counts"] = compressed["counts"].decode()  # as JSON stores it
+    # a polygon around the pixel block, and a second part far from it (a polygon's parts are merged)
+    polygon = [[6, 4, 21, 4, 21, 12, 6, 12], [0, 16, 3, 16, 3, 19, 0, 19]]
+    masks = decode_segmentations([uncompressed_rle(known), compressed, polygon], 20, 30)
+    assert masks.shape == (3, 20, 30) and masks.dtype == np.uint8
+    assert np.array_equal(masks[0], known) and np.array_equal(masks[1], known)
+    # pycocotools rasterises a polygon's pixel corners: the block's 15x8 pixels, and the 3x3 part
+    assert masks[2][4:12, 6:21].all() and masks[2][16:19, 0:3].all()
+    assert masks[2].sum() == 15 * 8 + 3 * 3
+    with pytest.raises(UsageError, match=r"RLE segmentation of size \[20, 30\] is on an image of 10x30"):
+        decode_segmentations([compressed], 10, 30)
+
+
+@pytest.fixture()
+def instance_coco(tmp_path):
+    Image.new("RGB", (30, 20), (90, 120, 150)).save(tmp_path / "a.png")
+    known = rectangle(20, 30, 4, 6, 12, 21)
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [6, 4, 15, 8], "segmentation": [[6, 4, 21, 4, 21, 12, 6, 12]]},
+        {"id": 2, "image_id": 1, "category_id": 2, "bbox": [6, 4, 15, 8], "segmentation": uncompressed_rle(known)},
+        {"id": 3, "image_id": 1, "category_id": 2, "bbox": [0, 0, 5, 5], "iscrowd": 1,
+         "segmentation": uncompressed_rle(rectangle(20, 30, 0, 0, 5, 5))},
+    ]
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 30}], "annotations": annotations,
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    return tmp_path
+
+
+def test_a_coco_file_gives_one_mask_per_box_without_crowds(instance_coco):
+    dataset = CocoDetection(instance_coco, instance_coco / "ann.json", masks=True)
+    _, target = dataset[0]
+    assert target["masks"].shape == (2, 20, 30) and target["labels"].tolist() == [0, 1]
+    assert torch.equal(target["masks"][1], torch.from_numpy(rectangle(20, 30, 4, 6, 12, 21)))
+    assert "masks" not in CocoDetection(instance_coco, instance_coco / "ann.json")[0][1]
+
+
+def test_an_object_without_segmentation_is_named(instance_coco):
+    data = json.loads((instance_coco / "ann.json").read_text())
+    del data["annotations"][0]["segmentation"]
+    (instance_coco / "ann.json").write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="annotation 1 in .* has no 'segmentation'"):
+        CocoDetection(instance_coco, instance_coco / "ann.json", masks=True)
+
+
+def _target(mask: np.ndarray, box: list[float]) -> dict:
+    return {"boxes": torch.tensor([box]), "labels": torch.tensor([0]), "masks": torch.from_numpy(mask[None])}
+
+
+def mask_box(mask: torch.Tensor) -> list[int]:
+    """xyxy pixel bounds of a mask (right and bottom exclusive)."""
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    return [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+
+
+def test_a_mask_survives_flip_and_resize_exactly():
+    image = Image.new("RGB", (60, 40))
+    mask = rectangle(40, 60, 8, 10, 20, 30)  # rows 8..19, columns 10..29
+    transform = DetectionTransform(train=True, scales=[80], max_size=1000, hflip=1.0)
+    _, out = transform(image, _target(mask, [10, 8, 30, 20]))
+    expected = rectangle(80, 120, 16, 60, 40, 100)  # flipped: columns 30..49, then doubled
+    assert torch.equal(out["masks"][0], torch.from_numpy(expected))
+    # and the box says the same: cxcywh normalised by 120 x 80
+    cx, cy, w, h = (out["boxes"][0] * torch.tensor([120, 80, 120, 80])).tolist()
+    assert [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2] == pytest.approx(mask_box(out["masks"][0]))
+    # evaluation halves it: no flip, shorter side 20
+    _, out = DetectionTransform(train=False, scales=[20], max_size=1000)(image, _target(mask, [10, 8, 30, 20]))
+    assert torch.equal(out["masks"][0], torch.from_numpy(rectangle(20, 30, 4, 5, 10, 15)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_cropped_mask_keeps_to_its_clipped_box(seed):
+    """Random crops (the mask and box cut by the same window), then the resize back: the mask's bounds
+    are the box's, and objects dropped with their box drop their mask."""
+    image = Image.new("RGB", (64, 48))
+    masks = np.stack((rectangle(48, 64, 8, 8, 40, 56), rectangle(48, 64, 0, 0, 6, 6)))
+    target = {"boxes": torch.tensor([[8.0, 8, 56, 40], [0, 0, 6, 6]]), "labels": torch.tensor([0, 1]),
+              "masks": torch.from_numpy(masks)}
+    transform = DetectionTransform(train=True, scales=[48], max_size=1000, crop=[20, 40], crop_prob=1.0, hflip=0.5)
+    torch.manual_seed(seed)
+    _, out = transform(image, target)
+    assert out["masks"].shape[0] == len(out["labels"]) == len(out["boxes"])
+    assert tuple(out["masks"].shape[1:]) == tuple(out["size"].tolist())
+    height, width = out["size"].tolist()
+    for box, mask in zip(out["boxes"], out["masks"]):
+        cx, cy, w, h = (box * torch.tensor([width, height, width, height])).tolist()
+        # nearest-neighbour resizing moves an edge by at most one output pixel
+        assert mask_box(mask) == pytest.approx([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], abs=1.0)
+
+
+def test_collate_pads_instance_masks_to_the_batch():
+    first = (torch.zeros(3, 4, 6), {"labels": torch.tensor([0]), "masks": torch.ones(1, 4, 6, dtype=torch.uint8)})
+    second = (torch.zeros(3, 5, 3), {"labels": torch.tensor([0, 1]), "masks": torch.ones(2, 5, 3, dtype=torch.uint8)})
+    _, padding, targets = collate_detection([first, second])
+    assert [t["masks"].shape for t in targets] == [(1, 5, 6), (2, 5, 6)]
+    assert torch.equal(targets[0]["masks"][0].bool(), ~padding[0]) and torch.equal(targets[1]["masks"][1].bool(),
+                                                                                  ~padding[1])
