@@ -132,3 +132,40 @@ def test_collate_pads_instance_masks_to_the_batch():
     assert [t["masks"].shape for t in targets] == [(1, 5, 6), (2, 5, 6)]
     assert torch.equal(targets[0]["masks"][0].bool(), ~padding[0]) and torch.equal(targets[1]["masks"][1].bool(),
                                                                                   ~padding[1])
+
+
+def _segm_ground_truth():
+    from dfx.data.coco import quiet_coco
+
+    square = rectangle(20, 30, 0, 0, 10, 10)
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100, "iscrowd": 0,
+         "segmentation": uncompressed_rle(square)},
+        {"id": 2, "image_id": 2, "category_id": 2, "bbox": [6, 4, 15, 8], "area": 120, "iscrowd": 0,
+         "segmentation": [[6, 4, 21, 4, 21, 12, 6, 12]]},
+    ]
+    images = [{"id": i, "file_name": f"{i}.png", "height": 20, "width": 30} for i in (1, 2)]
+    return quiet_coco({"images": images, "annotations": annotations,
+                       "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}), square
+
+
+def test_segm_results_of_the_ground_truth_score_ap_1_and_a_partial_mask_its_iou_share():
+    from dfx.data.coco_eval import evaluate_coco, to_coco_segm_results
+
+    coco_gt, square = _segm_ground_truth()
+    masks = [decode_segmentations([coco_gt.anns[a]["segmentation"]], 20, 30) for a in (1, 2)]
+    results = to_coco_segm_results([1, 2], masks, [[0.9], [0.8]], [[0], [1]], [1, 2])
+    assert all(isinstance(r["segmentation"]["counts"], str) for r in results)  # JSON-ready
+    json.dumps(results)
+    stats = evaluate_coco(coco_gt, results, iou_type="segm")
+    assert stats["AP"] == pytest.approx(1.0) and stats["per_class"] == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
+    # 71 of the square's 100 pixels: IoU 0.71 passes the thresholds 0.50..0.70 (5 of 10) only
+    partial = np.zeros_like(square)
+    partial[:7, :10] = 1
+    partial[7, 0] = 1
+    stats = evaluate_coco(coco_gt, to_coco_segm_results([1], [partial[None]], [[0.9]], [[0]], [1, 2]),
+                          per_class=False, image_ids=[1], iou_type="segm")
+    assert (stats["AP"], stats["AP50"], stats["AP75"]) == (pytest.approx(0.5), pytest.approx(1.0), 0.0)
+    # a box over 81 of the square's 100 pixels: IoU 0.81, thresholds 0.50..0.80 (7 of 10)
+    assert evaluate_coco(coco_gt, [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 8.1], "score": 0.9}],
+                         per_class=False, image_ids=[1])["AP"] == pytest.approx(0.7)

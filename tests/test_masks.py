@@ -115,3 +115,33 @@ def test_mask_gradients_reach_the_stride_4_stage_and_the_encoder():
 def test_masks_need_two_stage():
     with pytest.raises(ValueError, match="masks: .*two_stage"):
         DetectorConfig(**{**TINY, "masks": True}).validate()
+
+
+def test_the_criterion_trains_every_mask_of_the_model():
+    """Matching, decoder, initial, encoder and denoising predictions all get mask terms; one step of
+    gradient reaches the mask branch."""
+    from dfx.detection import SetCriterion
+    from dfx.detection.loss_config import MASKDINO_SET_LOSS, MaskLossConfig
+
+    model = build(dn_queries=6).train()
+    frame = torch.zeros(3, 64, 80)
+    frame[0, 8:24, 16:40] = 1
+    frame[1, 16:48, 24:72] = 1
+    frame[2, 0:32, 0:40] = 1
+    targets = [{**TARGETS[0], "masks": frame[:2]}, {**TARGETS[1], "masks": frame[2:]}]
+    criterion = SetCriterion.from_config(3, MASKDINO_SET_LOSS, masks=MaskLossConfig(mask_points=64))
+    seen = []
+    original = criterion.terms
+
+    def counting(outputs, *args):
+        terms = original(outputs, *args)
+        seen.append("mask" in terms and "dice" in terms)
+        return terms
+
+    criterion.terms = counting
+    total, logs = criterion(model(images(), None, targets), targets)
+    # (decoder layers + initial) x (matching + denoising) + encoder
+    assert seen == [True] * (2 * (TINY["decoder_layers"] + 1) + 1)
+    assert logs["loss_mask"] > 0 and logs["loss_dice"] > 0 and torch.isfinite(total)
+    total.backward()
+    assert model.mask_head.mask_embed.layers[0].weight.grad.abs().sum() > 0
