@@ -169,3 +169,26 @@ def test_segm_results_of_the_ground_truth_score_ap_1_and_a_partial_mask_its_iou_
     # a box over 81 of the square's 100 pixels: IoU 0.81, thresholds 0.50..0.80 (7 of 10)
     assert evaluate_coco(coco_gt, [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 8.1], "score": 0.9}],
                          per_class=False, image_ids=[1])["AP"] == pytest.approx(0.7)
+
+
+def test_the_recipe_switch_reads_masks_and_adds_the_mask_terms(instance_coco):
+    from pathlib import Path
+
+    from dfx.recipe import load_recipe
+    from dfx.tasks.detection import Task
+
+    (instance_coco / "images").mkdir()
+    (instance_coco / "a.png").rename(instance_coco / "images" / "a.png")
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    split = [f"data.{name}={{images: {instance_coco / 'images'}, annotations: {instance_coco / 'ann.json'}}}"
+             for name in ("train", "val")]
+    recipe = load_recipe(recipes / "dino-shapes.yaml", ["model.masks=true", "loss.mask_points=64", "loss.dice_weight=2",
+                                                         *split])
+    task = Task(recipe)
+    _, target = task.dataset("train")[0]
+    assert target["masks"].shape[0] == 2 and tuple(target["masks"].shape[1:]) == tuple(target["size"].tolist())
+    criterion = task.criterion()
+    assert (criterion.weights["mask"], criterion.weights["dice"], criterion.masks.mask_points) == (5.0, 2.0, 64)
+    assert criterion.matcher.masks is criterion.masks and criterion.matcher.masks.cost_mask == 5.0
+    with pytest.raises(UsageError, match="loss.mask_points must be an integer >= 1"):
+        load_recipe(recipes / "dino-shapes.yaml", ["model.masks=true", "loss.mask_points=0"])

@@ -26,7 +26,7 @@ from dfx.data.det_transforms import DetectionTransform, collate_detection
 from dfx.data.formats import SPLITS, DetectionData, find_detection_data
 from dfx.detection import DeformableDETR, DetectorConfig, SetCriterion, official, official_dino, postprocess
 from dfx.detection.detector import DETECTIONS
-from dfx.detection.loss_config import HybridLossConfig, SetLossConfig
+from dfx.detection.loss_config import HybridLossConfig, MaskLossConfig, SetLossConfig
 from dfx.errors import UsageError
 from dfx.weights import load_recipe_weights
 from dfx.files import write_text_atomic
@@ -71,13 +71,14 @@ class ModelConfig(HybridLossConfig, DetectorConfig, WeightsConfig):
 
 
 @dataclass
-class LossConfig(SetLossConfig):
+class LossConfig(MaskLossConfig, SetLossConfig):
     """Hungarian matcher costs and loss weights (:class:`SetLossConfig`; Deformable-DETR's: focal 2,
-    L1 5, GIoU 2)."""
+    L1 5, GIoU 2), and MaskDINO's mask terms (:class:`MaskLossConfig`), used with ``model.masks``."""
 
     def validate(self, prefix: str) -> None:
         try:
-            super().validate()
+            SetLossConfig.validate(self)
+            MaskLossConfig.validate(self)
         except ValueError as e:  # the message starts with the field's name
             raise UsageError(f"{prefix}.{e}") from None
 
@@ -197,7 +198,8 @@ class Task:
         # a split without some class (val often lacks a rare one) still gets the model's classes, by name
         dataset = CocoDetection(source.images, source.ann_file, transform, category_ids=data.category_ids,
                                 skip_invalid=data.skip_invalid, annotations=source.annotations,
-                                classes=self.classes if data.category_ids is None else None)
+                                classes=self.classes if data.category_ids is None else None,
+                                masks=self.recipe.model.masks)
         for reason, count in source.skipped.items():
             dataset.skipped[reason] = dataset.skipped.get(reason, 0) + count
         if any(dataset.skipped.values()):
@@ -234,7 +236,10 @@ class Task:
         return list(read.category_ids) if read is not None else None
 
     def criterion(self) -> SetCriterion:
-        return SetCriterion.from_config(len(self.classes), self.recipe.loss, self.recipe.model)
+        loss = self.recipe.loss
+        masks = MaskLossConfig(**{f.name: getattr(loss, f.name) for f in fields(MaskLossConfig)}) \
+            if self.recipe.model.masks else None
+        return SetCriterion.from_config(len(self.classes), self.recipe.loss, self.recipe.model, masks)
 
     def param_groups(self, model) -> list[dict]:
         """Backbone at ``train.backbone_lr``; sampling offsets and reference points at lr × offset_lr_mult;
