@@ -143,3 +143,12 @@ def test_the_criterion_adds_the_weighted_mask_terms():
 def test_bad_mask_settings_are_named(field, value, message):
     with pytest.raises(ValueError, match=message):
         MaskLossConfig(**{field: value}).validate()
+
+
+def test_targets_without_masks_are_named():
+    criterion = SetCriterion(2, masks=MaskLossConfig(mask_points=16))
+    outputs = {"pred_logits": torch.zeros(1, 3, 2), "pred_boxes": torch.full((1, 3, 4), 0.5),
+               "pred_masks": torch.zeros(1, 3, 8, 8)}
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    with pytest.raises(ValueError, match=r"targets\[0\]\['masks'\] must be \[1, H, W\].*got none"):
+        criterion(outputs, targets)

@@ -50,7 +50,7 @@ class SetCriterion(nn.Module):
                       focal_alpha=focal_alpha, focal_gamma=focal_gamma).validate()
         HybridLossConfig(one2many_k, one2many_weight).validate()
         self.num_classes = num_classes
-        self.matcher = matcher or HungarianMatcher()
+        self.matcher = matcher or HungarianMatcher(masks=masks)
         self.weights = {"class": class_weight, "l1": bbox_weight, "giou": giou_weight}
         if masks is not None:
             masks.validate()
@@ -119,6 +119,8 @@ class SetCriterion(nn.Module):
         # Checked once here rather than in each of the (layers x groups) matchings: every check
         # of device tensors stalls the host until the GPU catches up.
         check_targets(targets, outputs["pred_logits"].shape[0], self.num_classes)
+        if self.masks is not None and "pred_masks" in outputs:
+            _check_masks(targets)
         num_boxes = _global_box_count(targets, outputs["pred_logits"].device)
         total, last = self.group_loss(outputs, targets, num_boxes)
         logged = {f"loss_{name}": self.weights[name] * value for name, value in last.items()}
@@ -143,6 +145,16 @@ class SetCriterion(nn.Module):
         if "dn" in outputs:
             logs["dn_groups"] = outputs["dn"]["groups"]
         return total, logs
+
+
+def _check_masks(targets: list[dict]) -> None:
+    """Raise ValueError naming the first target without instance masks of its objects."""
+    for i, target in enumerate(targets):
+        masks = target.get("masks")
+        if masks is None or masks.dim() != 3 or len(masks) != len(target["labels"]):
+            got = "none" if masks is None else f"shape {tuple(masks.shape)}"
+            raise ValueError(f"targets[{i}]['masks'] must be [{len(target['labels'])}, H, W] (one mask per object) "
+                             f"for the mask losses, got {got}; load the data with masks (model.masks: true)")
 
 
 def _global_box_count(targets: list[dict], device) -> float:

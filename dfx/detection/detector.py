@@ -69,6 +69,7 @@ from dfx.detection.denoising import denoising_attention_mask, noised_queries
 from dfx.detection.masks import MaskHead
 from dfx.detection.position import box_position_encoding, pixel_position_encoding
 from dfx.detection.transformer import INVERSE_SIGMOID_EPS, MLP, Decoder, Encoder, inverse_sigmoid
+from dfx.errors import UsageError
 
 DETECTIONS = 100  # (query, class) pairs kept per image by postprocess, as in Deformable-DETR's evaluation
 
@@ -230,8 +231,6 @@ class DeformableDETR(nn.Module):
 
     def _mask_head(self) -> MaskHead:
         """The mask branch on the backbone stage before the transformer's finest one (stride 4 of 8)."""
-        from dfx.errors import UsageError
-
         strides = self.backbone.strides
         if strides[1] != 2 * strides[0]:
             raise UsageError(f"model.masks: the backbone {self.config.backbone!r} gives strides {strides[:2]}, "
