@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,8 +54,8 @@ def instance_coco(tmp_path):
     Image.new("RGB", (30, 20), (90, 120, 150)).save(tmp_path / "a.png")
     known = rectangle(20, 30, 4, 6, 12, 21)
     annotations = [
-        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [6, 4, 15, 8], "segmentation": [[6, 4, 21, 4, 21, 12, 6, 12]]},
-        {"id": 2, "image_id": 1, "category_id": 2, "bbox": [6, 4, 15, 8], "segmentation": uncompressed_rle(known)},
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [6, 4, 15, 8], "area": 120, "iscrowd": 0, "segmentation": [[6, 4, 21, 4, 21, 12, 6, 12]]},
+        {"id": 2, "image_id": 1, "category_id": 2, "bbox": [6, 4, 15, 8], "area": 120, "iscrowd": 0, "segmentation": uncompressed_rle(known)},
         {"id": 3, "image_id": 1, "category_id": 2, "bbox": [0, 0, 5, 5], "iscrowd": 1,
          "segmentation": uncompressed_rle(rectangle(20, 30, 0, 0, 5, 5))},
     ]
@@ -171,24 +172,69 @@ def test_segm_results_of_the_ground_truth_score_ap_1_and_a_partial_mask_its_iou_
                          per_class=False, image_ids=[1])["AP"] == pytest.approx(0.7)
 
 
-def test_the_recipe_switch_reads_masks_and_adds_the_mask_terms(instance_coco):
-    from pathlib import Path
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
+
+def instance_task(folder: Path, *overrides: str):
     from dfx.recipe import load_recipe
     from dfx.tasks.detection import Task
 
-    (instance_coco / "images").mkdir()
-    (instance_coco / "a.png").rename(instance_coco / "images" / "a.png")
-    recipes = Path(__file__).resolve().parents[1] / "recipes"
-    split = [f"data.{name}={{images: {instance_coco / 'images'}, annotations: {instance_coco / 'ann.json'}}}"
+    (folder / "images").mkdir()
+    (folder / "a.png").rename(folder / "images" / "a.png")
+    split = [f"data.{name}={{images: {folder / 'images'}, annotations: {folder / 'ann.json'}}}"
              for name in ("train", "val")]
-    recipe = load_recipe(recipes / "dino-shapes.yaml", ["model.masks=true", "loss.mask_points=64", "loss.dice_weight=2",
-                                                         *split])
-    task = Task(recipe)
+    return Task(load_recipe(RECIPES / "dino-shapes.yaml", ["model.masks=true", *split, *overrides]))
+
+
+def test_the_recipe_switch_reads_masks_and_adds_the_mask_terms(instance_coco):
+    from dfx.recipe import load_recipe
+
+    task = instance_task(instance_coco, "loss.mask_points=64", "loss.dice_weight=2")
     _, target = task.dataset("train")[0]
     assert target["masks"].shape[0] == 2 and tuple(target["masks"].shape[1:]) == tuple(target["size"].tolist())
     criterion = task.criterion()
     assert (criterion.weights["mask"], criterion.weights["dice"], criterion.masks.mask_points) == (5.0, 2.0, 64)
     assert criterion.matcher.masks is criterion.masks and criterion.matcher.masks.cost_mask == 5.0
     with pytest.raises(UsageError, match="loss.mask_points must be an integer >= 1"):
-        load_recipe(recipes / "dino-shapes.yaml", ["model.masks=true", "loss.mask_points=0"])
+        load_recipe(RECIPES / "dino-shapes.yaml", ["model.masks=true", "loss.mask_points=0"])
+
+
+def test_instance_masks_return_to_the_original_image_exactly():
+    """Bands of stride-4 logits in a padded batch: 4x up, cut to the 48x64 image, 2x up to 96x128.
+    (Bilinear rounds a block's corners; a band's edges land exactly.)"""
+    from dfx.detection.masks import instance_masks
+
+    logits = torch.full((1, 3, 16, 20), -5.0)
+    logits[0, 1, 2:6, :] = 5.0  # stride-4 rows 2..5
+    logits[0, 2, :, 4:8] = 5.0  # stride-4 columns 4..7
+    masks, scores = instance_masks(logits, [torch.tensor([1, 2, 0])], torch.tensor([[48, 64]]),
+                                   torch.tensor([[96, 128]]))
+    rows, columns = torch.zeros(2, 96, 128, dtype=torch.bool)
+    rows[16:48] = True
+    columns[:, 32:64] = True
+    assert masks[0].shape == (3, 96, 128) and not masks[0][2].any()
+    assert torch.equal(masks[0][0], rows) and torch.equal(masks[0][1], columns)
+    assert 0.5 < scores[0][0] < 1 and scores[0][2] == 0
+
+
+def test_the_evaluator_scores_segm_next_to_bbox(instance_coco):
+    """Predictions that are the ground truth (stride-4 masks at 4x the image: the same pixels) score
+    box and mask AP 1."""
+    task = instance_task(instance_coco, "data.scales=[80]", "data.max_size=200")
+    evaluator = task.evaluator()
+    batch = collate_detection([evaluator.dataset[0]])
+    target = batch[2][0]
+    assert tuple(batch[0].shape[-2:]) == (80, 120)
+    gt = decode_segmentations(task.dataset("val").segments[1], 20, 30)
+    outputs = {"pred_logits": torch.where(torch.nn.functional.one_hot(target["labels"], 2).bool(), 5.0, -5.0)[None],
+               "pred_boxes": target["boxes"][None], "pred_masks": torch.from_numpy(gt)[None].float() * 20 - 10}
+    evaluator.update(lambda images, masks: outputs, batch)
+    metrics = evaluator.summarize([evaluator.state()])
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["segm/AP"] == pytest.approx(1.0)
+    assert metrics["segm/AP/a"] == pytest.approx(1.0) and metrics["segm/AP/b"] == pytest.approx(1.0)
+    # masks shifted off their objects: the boxes still score 1, the masks no longer do
+    outputs["pred_masks"] = torch.roll(outputs["pred_masks"], 6, dims=-1)
+    evaluator = task.evaluator()
+    evaluator.update(lambda images, masks: outputs, batch)
+    metrics = evaluator.summarize([evaluator.state()])
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["segm/AP"] < 0.5

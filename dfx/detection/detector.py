@@ -427,7 +427,8 @@ def postprocess(outputs: dict, sizes: Tensor, detections: int = DETECTIONS) -> l
 
     outputs: {"pred_logits": [B, Q, K], "pred_boxes": [B, Q, 4] cxcywh in [0, 1]}; sizes [B, 2]
     (height, width) to scale to. Returns per image {"scores": [D], "labels": [D], "boxes": [D, 4]
-    xyxy}. A query may appear with several classes, as in Deformable-DETR's evaluation.
+    xyxy, "queries": [D] the query each comes from}. A query may appear with several classes, as in
+    Deformable-DETR's evaluation.
     """
     from torchvision.ops import box_convert
 
@@ -439,4 +440,4 @@ def postprocess(outputs: dict, sizes: Tensor, detections: int = DETECTIONS) -> l
     height, width = sizes.unbind(-1)
     scale = torch.stack((width, height, width, height), -1)[:, None].to(picked.dtype)
     xyxy = box_convert(picked, "cxcywh", "xyxy") * scale
-    return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, xyxy)]
+    return [{"scores": s, "labels": l, "boxes": b, "queries": q} for s, l, b, q in zip(scores, labels, xyxy, query)]

@@ -62,3 +62,27 @@ class MaskHead(nn.Module):
     def forward(self, queries: Tensor, mask_features: Tensor) -> Tensor:
         """queries [B, Q, C] (already normed), mask_features [B, C, H4, W4] -> mask logits [B, Q, H4, W4]."""
         return torch.einsum("bqc,bchw->bqhw", self.mask_embed(queries), mask_features)
+
+
+@torch.no_grad()
+def instance_masks(pred_masks: Tensor, queries: list[Tensor], sizes: Tensor, orig_sizes: Tensor
+                   ) -> tuple[list[Tensor], list[Tensor]]:
+    """The kept queries' masks on their original images, as MaskDINO's instance inference makes them.
+
+    pred_masks [B, Q, h, w] logits on the padded batch's stride-4 grid; queries: per image the kept
+    query indices [D_i] (``postprocess``'s ``queries``); sizes [B, 2] (h, w) of each image as the model
+    saw it (unpadded), orig_sizes [B, 2] as read. Each mask is upsampled bilinearly to the padded
+    input (4x), cut to its image, resized to the original size and thresholded at logit 0. Returns
+    per image (masks bool [D_i, H_i, W_i], mask scores [D_i]: the mean probability inside the mask,
+    which MaskDINO multiplies into the class score).
+    """
+    padded = (pred_masks.shape[-2] * 4, pred_masks.shape[-1] * 4)
+    masks, scores = [], []
+    for logits, kept, size, orig in zip(pred_masks, queries, sizes.tolist(), orig_sizes.tolist()):
+        image = F.interpolate(logits[kept][None].float(), size=padded, mode="bilinear", align_corners=False)
+        image = image[..., : size[0], : size[1]]
+        image = F.interpolate(image, size=orig, mode="bilinear", align_corners=False)[0]
+        binary = image > 0
+        masks.append(binary)
+        scores.append((image.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6))
+    return masks, scores

@@ -292,6 +292,7 @@ class Evaluator:
     def __init__(self, task: Task, dataset: CocoDetection):
         self.task, self.dataset = task, dataset
         self.results: list[dict] = []
+        self.segm_results: list[dict] = []  # with model.masks: the same detections' masks (RLE)
         self.drawn: list[tuple] = []
 
     @torch.no_grad()
@@ -305,14 +306,28 @@ class Evaluator:
         self.results += to_coco_results([int(t["image_id"]) for t in targets], [d["boxes"].cpu() for d in detections],
                                         [d["scores"].cpu() for d in detections],
                                         [d["labels"].cpu() for d in detections], self.dataset.category_ids)
+        if "pred_masks" in outputs:
+            self._add_masks(outputs["pred_masks"], detections, targets)
         wanted = self.task.recipe.eval.draw_images
         if self.task.output_dir is not None and len(self.drawn) < wanted:
             for target, found in zip(targets, detections):
                 if len(self.drawn) < wanted:
                     self.drawn.append((int(target["image_id"]), {k: v.cpu() for k, v in found.items()}))
 
+    def _add_masks(self, pred_masks, detections: list[dict], targets: list[dict]) -> None:
+        """The detections' masks as COCO segm results, scored as MaskDINO does: class score x mask score."""
+        from dfx.data.coco_eval import to_coco_segm_results
+        from dfx.detection.masks import instance_masks
+
+        masks, mask_scores = instance_masks(pred_masks, [d["queries"] for d in detections],
+                                            torch.stack([t["size"] for t in targets]),
+                                            torch.stack([t["orig_size"] for t in targets]))
+        self.segm_results += to_coco_segm_results([int(t["image_id"]) for t in targets], [m.cpu() for m in masks],
+                                                  [(d["scores"] * s).cpu() for d, s in zip(detections, mask_scores)],
+                                                  [d["labels"].cpu() for d in detections], self.dataset.category_ids)
+
     def state(self) -> dict:
-        return {"results": self.results}
+        return {"results": self.results, "segm_results": self.segm_results}
 
     def summarize(self, states: list[dict]) -> dict:
         from dfx.data.coco_eval import class_ap, run_cocoeval, without_ground_truth
@@ -320,6 +335,11 @@ class Evaluator:
         results = [r for s in states for r in s["results"]]
         metrics, cocoeval = run_cocoeval(self.dataset.coco, results)
         metrics.update({f"AP/{name}": value for name, value in class_ap(cocoeval).items()})
+        if self.task.recipe.model.masks:  # mask AP next to box AP, as segm/AP, segm/AP50, ...
+            segm, segm_eval = run_cocoeval(self.dataset.coco, [r for s in states for r in s.get("segm_results", [])],
+                                           iou_type="segm")
+            metrics.update({f"segm/{name}": value for name, value in segm.items()})
+            metrics.update({f"segm/AP/{name}": value for name, value in class_ap(segm_eval).items()})
         missing = without_ground_truth(cocoeval)
         if missing and not self.task._noted_missing and _is_main():
             self.task._noted_missing = True
