@@ -145,3 +145,22 @@ def test_the_criterion_trains_every_mask_of_the_model():
     assert logs["loss_mask"] > 0 and logs["loss_dice"] > 0 and torch.isfinite(total)
     total.backward()
     assert model.mask_head.mask_embed.layers[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind, extra", [("mask2box", 0), ("bitmask", 1)])
+def test_mask_boxes_initialise_the_decoder(kind, extra):
+    """MaskDINO's initialize_box_type: the first references are the boxes of the proposals' masks."""
+    from torchvision.ops import box_convert, masks_to_boxes
+
+    model = build(initialize_box_type=kind).eval()
+    with torch.no_grad():
+        out = model(images())
+    inside = out["enc_outputs"]["pred_masks"] > 0
+    assert inside.flatten(2).any(-1).all()  # every proposal's mask has pixels: torchvision can box them
+    xyxy = masks_to_boxes(inside.flatten(0, 1).float()).view(2, 5, 4) + torch.tensor([0.0, 0, extra, extra])
+    expected = box_convert(xyxy, "xyxy", "cxcywh") / torch.tensor([20.0, 16, 20, 16])  # the 20x16 stride-4 grid
+    initial = out["aux_outputs"][0]["pred_boxes"]  # the initial prediction's boxes are the references
+    assert torch.allclose(initial, expected.clamp(1e-3, 1 - 1e-3), atol=1e-5)
+    assert not torch.allclose(initial, out["enc_outputs"]["pred_boxes"], atol=1e-2)
+    with pytest.raises(ValueError, match="initialize_box_type .* set masks: true"):
+        DetectorConfig(**{**TINY, **DINO, "initialize_box_type": kind}).validate()

@@ -115,6 +115,9 @@ class DetectorConfig:
     content_query_init: Literal["normal", "xavier"] = "normal"
     inverse_sigmoid_eps: float = INVERSE_SIGMOID_EPS
     masks: bool = False  # MaskDINO's mask branch (dfx.detection.masks): a mask per query from the stride-4 map
+    # MaskDINO: the decoder's first reference boxes are the selected proposals' mask boxes; mask2box: last
+    # pixel inclusive (torchvision masks_to_boxes), bitmask: exclusive (detectron2 BitMasks); no: their boxes
+    initialize_box_type: Literal["no", "mask2box", "bitmask"] = "no"
 
     def validate(self) -> None:
         """Raise ValueError naming the field for inconsistent settings."""
@@ -144,6 +147,10 @@ class DetectorConfig:
             raise ValueError("encoder_loss selected scores the two-stage proposals: set two_stage: true")
         if self.masks and not self.two_stage:
             raise ValueError("masks: MaskDINO predicts masks of DINO's selected queries: set two_stage: true")
+        if self.initialize_box_type != "no" and not (self.masks and self.encoder_loss == "selected"
+                                                     and self.query_position == "per_layer"):
+            raise ValueError("initialize_box_type boxes the selected proposals' masks: set masks: true, "
+                             "encoder_loss: selected and query_position: per_layer")
         if not 0 < self.inverse_sigmoid_eps < 0.5:
             raise ValueError(f"inverse_sigmoid_eps must be in (0, 0.5), got {self.inverse_sigmoid_eps}")
         self._validate_denoising()
@@ -348,23 +355,49 @@ class DeformableDETR(nn.Module):
         """Boxes [B, Q, 4] in [0, 1] -> their projected sine encoding [B, Q, C or 2C]."""
         return self.pos_trans_norm(self.pos_trans(box_position_encoding(reference, self.config.dim // 2)))
 
-    def _add_masks(self, stage4: Tensor, memory: Tensor, shapes, content: Tensor, reference: Tensor,
-                   states: list[Tensor], layers: list[dict], out: dict) -> list[dict]:
-        """MaskDINO: ``pred_masks`` on every decoder layer's prediction, a prediction of the initial
-        queries (content and reference as they enter the decoder) put first, and masks of the selected
-        proposals in ``out["enc_outputs"]``."""
+    def _proposal_masks(self, stage4: Tensor, memory: Tensor, shapes, out: dict) -> Tensor:
+        """MaskDINO's pixel embedding [B, C, H/4, W/4] (returned), and the selected proposals' masks in
+        ``out["enc_outputs"]`` (with ``encoder_loss: selected``)."""
         height, width = shapes[0]
         encoded8 = memory[:, : height * width].transpose(1, 2).unflatten(-1, (height, width))
         mask_features = self.mask_head.pixel_embedding(stage4, encoded8)
+        enc = out.get("enc_outputs", {})
+        if "tokens" in enc:
+            enc["pred_masks"] = self.mask_head((self.decoder.norm or nn.Identity())(enc.pop("tokens")), mask_features)
+        return mask_features
+
+    def _mask_boxes(self, masks: Tensor, padding: Tensor) -> Tensor:
+        """Boxes [B, Q, 4] (cxcywh in [0, 1] of each unpadded image) around the masks' pixels (logit > 0)
+        on the stride-4 grid; an empty mask gives the degenerate box the reference's conversion gives."""
+        from torchvision.ops import box_convert
+
+        inside = masks.detach() > 0
+        height, width = inside.shape[-2:]
+        ys = torch.arange(height, device=masks.device, dtype=masks.dtype)[:, None].expand(height, width)
+        xs = torch.arange(width, device=masks.device, dtype=masks.dtype)[None].expand(height, width)
+        big = torch.finfo(masks.dtype).max
+        x0 = xs.masked_fill(~inside, big).flatten(2).min(-1).values
+        y0 = ys.masked_fill(~inside, big).flatten(2).min(-1).values
+        x1 = (xs * inside).flatten(2).max(-1).values
+        y1 = (ys * inside).flatten(2).max(-1).values
+        boxes = torch.stack((x0, y0, x1, y1), -1)
+        if self.config.initialize_box_type == "bitmask":  # detectron2 counts the last pixel in
+            boxes = boxes + torch.tensor([0, 0, 1, 1], device=masks.device, dtype=masks.dtype)
+        valid = ~padding  # the image's size in stride-4 cells
+        size = torch.stack((valid[:, 0].sum(-1), valid[:, :, 0].sum(-1)), -1).to(masks.dtype) / 4
+        boxes = box_convert(boxes, "xyxy", "cxcywh") / torch.cat((size, size), -1)[:, None]
+        return inverse_sigmoid(boxes, self.config.inverse_sigmoid_eps).sigmoid()
+
+    def _add_masks(self, mask_features: Tensor, content: Tensor, reference: Tensor, states: list[Tensor],
+                   layers: list[dict]) -> list[dict]:
+        """MaskDINO: ``pred_masks`` on every decoder layer's prediction, and a prediction of the initial
+        queries (content and reference as they enter the decoder) put first."""
         norm = self.decoder.norm or nn.Identity()
         for layer, state in zip(layers, states):
             layer["pred_masks"] = self.mask_head(norm(state), mask_features)
         initial = norm(content)
         layers.insert(0, {"pred_logits": self._class_logits(0, initial), "pred_boxes": reference,
                           "pred_masks": self.mask_head(initial, mask_features)})
-        enc = out.get("enc_outputs", {})
-        if "tokens" in enc:
-            enc["pred_masks"] = self.mask_head(norm(enc.pop("tokens")), mask_features)
         return layers
 
     def _add_denoising(self, targets, content: Tensor, query_pos: Tensor, reference: Tensor):
@@ -394,6 +427,11 @@ class DeformableDETR(nn.Module):
         one2many = self.config.one2many_queries if self.training else 0
         out: dict = {}
         content, query_pos, reference = self._queries(memory, flat_mask, shapes, one2one + one2many, out)
+        mask_features = None
+        if self.mask_head is not None:
+            mask_features = self._proposal_masks(features[0][0], memory, shapes, out)
+            if self.config.initialize_box_type != "no":
+                reference = self._mask_boxes(out["enc_outputs"]["pred_masks"], padded)
         groups = [one2one, one2many] if one2many else [one2one]
         dn, attn_mask = None, None
         if self.training and self.config.dn_queries and targets is not None:
@@ -407,7 +445,7 @@ class DeformableDETR(nn.Module):
         layers = [{"pred_logits": self._class_logits(i, s), "pred_boxes": b}
                   for i, (s, b) in enumerate(zip(states, boxes))]
         if self.mask_head is not None:
-            layers = self._add_masks(features[0][0], memory, shapes, content, reference, states, layers, out)
+            layers = self._add_masks(mask_features, content, reference, states, layers)
         if dn is not None:
             denoised = [{k: v[:, : dn.size] for k, v in layer.items()} for layer in layers]
             out["dn"] = {**denoised[-1], "aux_outputs": denoised[:-1], "groups": dn.groups, "group_size": dn.group_size}
