@@ -77,7 +77,8 @@ class DetectionTransform:
         masks = tv_tensors.Mask(torch.as_tensor(target["masks"], dtype=torch.uint8)) if "masks" in target else None
         if self.train:
             if torch.rand(()) < self.hflip:
-                image, boxes, masks = F.horizontal_flip(image), F.horizontal_flip(boxes), _each(F.horizontal_flip, masks)
+                image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
+                masks = _each(F.horizontal_flip, masks)
             if self.crop is not None and torch.rand(()) < self.crop_prob:
                 if self.crop_resize:
                     shorter = self.crop_resize[int(torch.randint(len(self.crop_resize), ()))]

@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from dfx.detection.backbone import Backbone, InputProjection
 from dfx.detection.deformable_attention import MultiScaleDeformableAttention
 from dfx.detection.denoising import denoising_attention_mask, noised_queries
-from dfx.detection.masks import MaskHead
+from dfx.detection.masks import MaskHead, mask_boxes
 from dfx.detection.position import box_position_encoding, pixel_position_encoding
 from dfx.detection.transformer import INVERSE_SIGMOID_EPS, MLP, Decoder, Encoder, inverse_sigmoid
 from dfx.errors import UsageError
@@ -366,28 +366,6 @@ class DeformableDETR(nn.Module):
             enc["pred_masks"] = self.mask_head((self.decoder.norm or nn.Identity())(enc.pop("tokens")), mask_features)
         return mask_features
 
-    def _mask_boxes(self, masks: Tensor, padding: Tensor) -> Tensor:
-        """Boxes [B, Q, 4] (cxcywh in [0, 1] of each unpadded image) around the masks' pixels (logit > 0)
-        on the stride-4 grid; an empty mask gives the degenerate box the reference's conversion gives."""
-        from torchvision.ops import box_convert
-
-        inside = masks.detach() > 0
-        height, width = inside.shape[-2:]
-        ys = torch.arange(height, device=masks.device, dtype=masks.dtype)[:, None].expand(height, width)
-        xs = torch.arange(width, device=masks.device, dtype=masks.dtype)[None].expand(height, width)
-        big = torch.finfo(masks.dtype).max
-        x0 = xs.masked_fill(~inside, big).flatten(2).min(-1).values
-        y0 = ys.masked_fill(~inside, big).flatten(2).min(-1).values
-        x1 = (xs * inside).flatten(2).max(-1).values
-        y1 = (ys * inside).flatten(2).max(-1).values
-        boxes = torch.stack((x0, y0, x1, y1), -1)
-        if self.config.initialize_box_type == "bitmask":  # detectron2 counts the last pixel in
-            boxes = boxes + torch.tensor([0, 0, 1, 1], device=masks.device, dtype=masks.dtype)
-        valid = ~padding  # the image's size in stride-4 cells
-        size = torch.stack((valid[:, 0].sum(-1), valid[:, :, 0].sum(-1)), -1).to(masks.dtype) / 4
-        boxes = box_convert(boxes, "xyxy", "cxcywh") / torch.cat((size, size), -1)[:, None]
-        return inverse_sigmoid(boxes, self.config.inverse_sigmoid_eps).sigmoid()
-
     def _add_masks(self, mask_features: Tensor, content: Tensor, reference: Tensor, states: list[Tensor],
                    layers: list[dict]) -> list[dict]:
         """MaskDINO: ``pred_masks`` on every decoder layer's prediction, and a prediction of the initial
@@ -431,7 +409,9 @@ class DeformableDETR(nn.Module):
         if self.mask_head is not None:
             mask_features = self._proposal_masks(features[0][0], memory, shapes, out)
             if self.config.initialize_box_type != "no":
-                reference = self._mask_boxes(out["enc_outputs"]["pred_masks"], padded)
+                exclusive = self.config.initialize_box_type == "bitmask"
+                boxes = mask_boxes(out["enc_outputs"]["pred_masks"], padded, exclusive)
+                reference = inverse_sigmoid(boxes, self.config.inverse_sigmoid_eps).sigmoid()  # the reference's clamp
         groups = [one2one, one2many] if one2many else [one2one]
         dn, attn_mask = None, None
         if self.training and self.config.dn_queries and targets is not None:

@@ -4,8 +4,8 @@
 parameters (Deformable-DETR's values: class 2, L1 5, GIoU 2 for both, focal α 0.25, γ 2);
 :class:`HybridLossConfig` holds H-DETR's one-to-many settings; :class:`MaskLossConfig` MaskDINO's mask
 terms (BCE and dice on sampled points, :mod:`dfx.detection.mask_loss`), and :data:`MASKDINO_SET_LOSS`
-MaskDINO's class and box values (class 4, box 5, GIoU 2 for both the costs and the weights). :class:`~dfx.detection.HungarianMatcher`
-and :class:`~dfx.detection.SetCriterion` take their defaults from these classes and check their
+MaskDINO's class and box values (class 4, box 5, GIoU 2 for both the costs and the weights).
+:class:`~dfx.detection.HungarianMatcher` and :class:`~dfx.detection.SetCriterion` take their defaults from these classes and check their
 arguments with their ``validate``; the recipe's ``loss`` and ``model`` sections inherit them.
 """
 

@@ -86,3 +86,29 @@ def instance_masks(pred_masks: Tensor, queries: list[Tensor], sizes: Tensor, ori
         masks.append(binary)
         scores.append((image.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6))
     return masks, scores
+
+
+@torch.no_grad()
+def mask_boxes(masks: Tensor, padding: Tensor, exclusive: bool = False) -> Tensor:
+    """Boxes [B, Q, 4] (cxcywh, relative to each unpadded image) around the pixels of mask logits
+    [B, Q, h, w] > 0 on the padded batch's stride-4 grid; padding [B, 4h, 4w] True outside the image.
+
+    The right/bottom edge is the last pixel's index (torchvision ``masks_to_boxes``, MaskDINO's
+    ``mask2box``) or one past it with ``exclusive`` (detectron2 ``BitMasks``, MaskDINO's ``bitmask``).
+    An empty mask gives a degenerate box, as the reference's conversion does (torchvision's fails).
+    """
+    from torchvision.ops import box_convert
+
+    inside = masks > 0
+    height, width = inside.shape[-2:]
+    ys = torch.arange(height, device=masks.device, dtype=masks.dtype)[:, None].expand(height, width)
+    xs = torch.arange(width, device=masks.device, dtype=masks.dtype)[None].expand(height, width)
+    big = torch.finfo(masks.dtype).max
+    x0 = xs.masked_fill(~inside, big).flatten(2).min(-1).values
+    y0 = ys.masked_fill(~inside, big).flatten(2).min(-1).values
+    x1 = (xs * inside).flatten(2).max(-1).values + exclusive
+    y1 = (ys * inside).flatten(2).max(-1).values + exclusive
+    valid = ~padding  # the image's size in stride-4 cells
+    size = torch.stack((valid[:, 0].sum(-1), valid[:, :, 0].sum(-1)), -1).to(masks.dtype) / 4
+    boxes = box_convert(torch.stack((x0, y0, x1, y1), -1), "xyxy", "cxcywh")
+    return boxes / torch.cat((size, size), -1)[:, None]
