@@ -7,7 +7,9 @@ here as annotation dicts converted in memory.
 An item is ``(image, target)`` after the transform (dfx.data.det_transforms); the transform gets
 the PIL RGB image and a target whose ``boxes`` are absolute pixel xyxy [N, 4] float, ``labels``
 contiguous class indices [N] int64, ``image_id``, ``orig_size`` and ``size`` (h, w) int64 [2].
-Crowd annotations (iscrowd=1) are not targets; they stay in ``coco`` so that COCOeval ignores
+With ``masks=True`` (instance segmentation) the target also has ``masks`` uint8 [N, H, W], each
+annotation's ``segmentation`` (polygons, or RLE compressed or not) decoded by ``pycocotools.mask``
+on the image's pixels. Crowd annotations (iscrowd=1) are not targets; they stay in ``coco`` so that COCOeval ignores
 detections on them as COCO intends.
 """
 
@@ -157,8 +159,9 @@ class CocoDetection(Dataset):
 
     def __init__(self, image_dir: str | Path, ann_file: str | Path, transform=None,
                  category_ids: list[int] | None = None, skip_invalid: bool = False, annotations: dict | None = None,
-                 classes: list[str] | None = None):
+                 classes: list[str] | None = None, masks: bool = False):
         self.image_dir = Path(image_dir)
+        self.masks = masks
         self.ann_file = Path(ann_file)
         self.converted = annotations is not None  # no COCO file on disk holds these annotations
         self.transform = transform
@@ -259,12 +262,19 @@ class CocoDetection(Dataset):
                              f"the file, or {SKIP_HINT}")
 
     def _targets(self, images: dict[int, dict], annotations: list[dict]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """image id -> (boxes [N, 4] float32 absolute xyxy clipped to the image, labels [N] int64), no crowds."""
+        """image id -> (boxes [N, 4] float32 absolute xyxy clipped to the image, labels [N] int64), no crowds;
+        with ``masks``, ``self.segments``: image id -> the same objects' segmentations."""
         boxes: dict[int, list] = {i: [] for i in images}
         labels: dict[int, list] = {i: [] for i in images}
+        self.segments: dict[int, list] = {i: [] for i in images}
         for ann in annotations:
             if ann.get("iscrowd", 0):
                 continue
+            if self.masks:
+                if not ann.get("segmentation"):
+                    raise UsageError(f"annotation {ann.get('id')} in {self.ann_file} has no 'segmentation'; instance "
+                                     "masks need polygons or RLE on every object (or train boxes only: model.masks: false)")
+                self.segments[ann["image_id"]].append(ann["segmentation"])
             x, y, w, h = ann["bbox"]
             boxes[ann["image_id"]].append((x, y, x + w, y + h))
             labels[ann["image_id"]].append(self.label_of[ann["category_id"]])
@@ -306,6 +316,8 @@ class CocoDetection(Dataset):
         size = torch.tensor([image.height, image.width], dtype=torch.int64)
         target = {"boxes": torch.from_numpy(boxes.copy()), "labels": torch.from_numpy(labels.copy()),
                   "image_id": image_id, "orig_size": size, "size": size.clone()}
+        if self.masks:
+            target["masks"] = torch.from_numpy(decode_segmentations(self.segments[image_id], image.height, image.width))
         return image, target
 
     def __getitem__(self, index: int):
@@ -313,3 +325,23 @@ class CocoDetection(Dataset):
         if self.transform is None:
             return image, target
         return self.transform(image, target)
+
+
+def decode_segmentations(segmentations: list, height: int, width: int) -> np.ndarray:
+    """COCO segmentations (polygon lists, uncompressed RLE with list counts, or compressed RLE) ->
+    uint8 [N, height, width] 0/1 masks, as pycocotools rasterises them (a polygon's parts merged)."""
+    from pycocotools import mask as coco_mask
+
+    masks = np.zeros((len(segmentations), height, width), dtype=np.uint8)
+    for i, segmentation in enumerate(segmentations):
+        if isinstance(segmentation, list):  # polygons: one RLE per part, merged
+            rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE (crowds are stored so)
+            rle = coco_mask.frPyObjects(segmentation, height, width)
+        else:
+            rle = segmentation
+        if list(rle["size"]) != [height, width]:
+            raise UsageError(f"an RLE segmentation of size {rle['size']} is on an image of {height}x{width} pixels; "
+                             "RLE sizes are [height, width] of their image: re-export the annotations")
+        masks[i] = coco_mask.decode(rle)
+    return masks

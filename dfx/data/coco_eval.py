@@ -1,4 +1,7 @@
-"""COCO box evaluation: detections -> COCO results -> pycocotools COCOeval -> named metrics.
+"""COCO box and mask evaluation: detections -> COCO results -> pycocotools COCOeval -> named metrics.
+
+Boxes are scored with ``iou_type="bbox"``, instance masks with ``"segm"`` (results carry RLE
+``segmentation`` from :func:`to_coco_segm_results`; pycocotools derives their area and box).
 
 The twelve numbers are COCOeval's ``stats`` in its order (:data:`STAT_NAMES`): AP averaged over
 IoU 0.50:0.95, AP at IoU 0.50 and 0.75, AP for small / medium / large objects (area < 32², 32²-96²,
@@ -47,6 +50,28 @@ def to_coco_results(image_ids, boxes_xyxy_abs, scores, labels, category_ids) -> 
     return results
 
 
+def to_coco_segm_results(image_ids, masks, scores, labels, category_ids) -> list[dict]:
+    """Per-image instance masks as COCO segm results.
+
+    ``masks``: B arrays/tensors [N_i, H_i, W_i] (0/1 or bool) on the pixels of the original image;
+    the rest as :func:`to_coco_results`. Returns dicts ``{image_id, category_id, segmentation:
+    compressed RLE (counts as a string, JSON-ready), score}``.
+    """
+    from pycocotools import mask as coco_mask
+
+    results = []
+    for image_id, image_masks, image_scores, image_labels in zip(image_ids, masks, scores, labels):
+        image_masks = to_numpy(image_masks).astype(np.uint8)
+        if not len(image_masks):
+            continue
+        rles = coco_mask.encode(np.asfortranarray(image_masks.transpose(1, 2, 0)))  # pycocotools wants [H, W, N]
+        for rle, score, label in zip(rles, to_numpy(image_scores).tolist(), to_numpy(image_labels).tolist()):
+            results.append({"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
+                            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()},
+                            "score": float(score)})
+    return results
+
+
 def to_numpy(values) -> np.ndarray:
     """A tensor (any device, any grad state), array or list as a numpy array."""
     if hasattr(values, "detach"):
@@ -58,7 +83,8 @@ def run_cocoeval(coco_gt, results: list[dict], image_ids: list[int] | None = Non
     """Run pycocotools' COCOeval quietly; returns ``(stats dict of STAT_NAMES, cocoeval)``.
 
     ``image_ids``: evaluate on these images only (default: every image of ``coco_gt``).
-    ``iou_type``: ``bbox``, ``segm`` or ``keypoints`` (stats named by :data:`KEYPOINT_STAT_NAMES`).
+    ``iou_type``: ``bbox``, ``segm`` (results with RLE or polygon ``segmentation``) or ``keypoints``
+    (stats named by :data:`KEYPOINT_STAT_NAMES`).
     Empty ``results`` evaluate as "nothing detected" (all zeros) rather than failing.
     """
     from pycocotools.cocoeval import COCOeval
@@ -113,8 +139,8 @@ def without_ground_truth(cocoeval) -> list[str]:
 
 def evaluate_coco(coco_gt, results: list[dict], per_class: bool = True, image_ids: list[int] | None = None,
                   iou_type: str = "bbox") -> dict:
-    """COCO box metrics: the twelve :data:`STAT_NAMES` as floats in [0, 1] (undefined -> 0.0),
-    plus, when asked, ``per_class`` {category name: AP} for the categories with ground truth and
+    """COCO metrics of ``iou_type`` (``bbox``, ``segm``: masks): the twelve :data:`STAT_NAMES` as floats
+    in [0, 1] (undefined -> 0.0), plus, when asked, ``per_class`` {category name: AP} for the categories with ground truth and
     ``no_ground_truth`` [names of the others]. See :func:`run_cocoeval` for the arguments.
     """
     stats, cocoeval = run_cocoeval(coco_gt, results, image_ids, iou_type)

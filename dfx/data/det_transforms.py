@@ -2,7 +2,9 @@
 
 A target is a dict: ``boxes`` float [N, 4] (absolute pixel xyxy on the way in, normalised cxcywh
 in [0, 1] on the way out), ``labels`` int64 [N], ``image_id`` int, ``orig_size`` int64 [2] (h, w of
-the image as read), ``size`` int64 [2] (h, w of the transformed, unpadded image).
+the image as read), ``size`` int64 [2] (h, w of the transformed, unpadded image), and for instance
+segmentation ``masks`` uint8 [N, h, w] (0/1 on the image's pixels), which follow every flip, crop and
+resize of the image (nearest-neighbour resizing) and are dropped with their boxes.
 
 Training (DETR's augmentation): with ``color_jitter`` j > 0, brightness, contrast and saturation each
 scaled by a factor drawn in [1 - j, 1 + j] (in random order; hue is kept: a class may be a colour);
@@ -76,6 +78,8 @@ class DetectionTransform:
         boxes = tv_tensors.BoundingBoxes(torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4),
                                          format="XYXY", canvas_size=(image.height, image.width))
         labels = torch.as_tensor(target["labels"], dtype=torch.int64)
+        # instance masks ride along as a tv_tensors.Mask: the same ops, nearest-neighbour resizing
+        masks = tv_tensors.Mask(torch.as_tensor(target["masks"], dtype=torch.uint8)) if "masks" in target else None
         if self.train:
             if self.color_jitter:
                 from torchvision.transforms import v2
@@ -84,17 +88,19 @@ class DetectionTransform:
                 image = v2.ColorJitter(brightness=j, contrast=j, saturation=j)(image)
             if torch.rand(()) < self.hflip:
                 image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
+                masks = _each(F.horizontal_flip, masks)
             if self.crop is not None and torch.rand(()) < self.crop_prob:
                 if self.crop_resize:
                     shorter = self.crop_resize[int(torch.randint(len(self.crop_resize), ()))]
                     size = list(resized_shape(image.height, image.width, shorter, max_size=1 << 30))  # uncapped
                     image, boxes = F.resize(image, size, antialias=True), F.resize(boxes, size)
-                image, boxes, labels = self._random_crop(image, boxes, labels)
+                    masks = _each(F.resize, masks, size)
+                image, boxes, labels, masks = self._random_crop(image, boxes, labels, masks)
             shorter = self.scales[int(torch.randint(len(self.scales), ()))]
         else:
             shorter = max(self.scales)
         size = list(resized_shape(image.height, image.width, shorter, self.max_size))
-        image, boxes = F.resize(image, size, antialias=True), F.resize(boxes, size)
+        image, boxes, masks = F.resize(image, size, antialias=True), F.resize(boxes, size), _each(F.resize, masks, size)
 
         tensor = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
         tensor = F.normalize(tensor, mean=self.mean, std=self.std)
@@ -104,10 +110,13 @@ class DetectionTransform:
         out["boxes"] = box_convert(boxes.as_subclass(Tensor), "xyxy", "cxcywh") / scale
         out["labels"] = labels
         out["size"] = torch.tensor(size, dtype=torch.int64)
+        if masks is not None:
+            out["masks"] = masks.as_subclass(Tensor)
         return tensor, out
 
-    def _random_crop(self, image, boxes, labels):
-        """A crop of random size in [crop[0], crop[1]] per side (at most the image), boxes clipped to it."""
+    def _random_crop(self, image, boxes, labels, masks=None):
+        """A crop of random size in [crop[0], crop[1]] per side (at most the image), boxes clipped to it
+        (and masks cut to it); objects whose box is left with no area are dropped."""
         from torchvision import tv_tensors
         from torchvision.transforms.v2 import functional as F
 
@@ -119,8 +128,16 @@ class DetectionTransform:
         image = F.crop(image, top, left, crop_h, crop_w)
         boxes = F.clamp_bounding_boxes(F.crop(boxes, top, left, crop_h, crop_w))
         keep = ((boxes[:, 2] - boxes[:, 0]) > MIN_BOX_SIDE) & ((boxes[:, 3] - boxes[:, 1]) > MIN_BOX_SIDE)
+        if masks is not None:
+            masks = F.crop(masks, top, left, crop_h, crop_w)
+            masks = tv_tensors.wrap(masks[keep], like=masks)
         # indexing returns a plain tensor; re-wrap so the resize that follows still treats it as boxes
-        return image, tv_tensors.wrap(boxes[keep], like=boxes), labels[keep]
+        return image, tv_tensors.wrap(boxes[keep], like=boxes), labels[keep], masks
+
+
+def _each(op, masks, *args):
+    """``op(masks, *args)``, or None without masks."""
+    return None if masks is None else op(masks, *args)
 
 
 def collate_detection(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, Tensor, list[dict]]:
@@ -128,7 +145,8 @@ def collate_detection(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, Tensor,
 
     Returns images [B, 3, Hmax, Wmax] (zeros in the padding, bottom and right), masks
     [B, Hmax, Wmax] bool (True = padding, as the detector's attention masks expect) and the
-    targets, unchanged, as a list.
+    targets as a list, unchanged but for instance ``masks``, zero-padded to [N, Hmax, Wmax] (the
+    frame the mask losses read).
     """
     images = [image for image, _ in batch]
     height = max(image.shape[1] for image in images)
@@ -138,4 +156,11 @@ def collate_detection(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, Tensor,
     for i, image in enumerate(images):
         padded[i, :, :image.shape[1], :image.shape[2]] = image
         masks[i, :image.shape[1], :image.shape[2]] = False
-    return padded, masks, [target for _, target in batch]
+    targets = [target for _, target in batch]
+    for i, target in enumerate(targets):
+        if "masks" in target:
+            instance = target["masks"]
+            framed = instance.new_zeros(instance.shape[0], height, width)
+            framed[:, : instance.shape[1], : instance.shape[2]] = instance
+            targets[i] = {**target, "masks": framed}
+    return padded, masks, targets

@@ -14,6 +14,10 @@ times (``N`` becomes ``k·N``), times ``λ`` (``one2many_weight``). The encoder 
 an encoder head with one logit (class-agnostic two-stage scoring) is trained as objectness, every
 target relabelled 0.
 DINO adds the same sum over its denoising queries (:func:`dfx.detection.denoising.denoising_loss`).
+MaskDINO (``masks``, a :class:`MaskLossConfig`) adds to every prediction that carries ``pred_masks``
+``w_mask · L_mask + w_dice · L_dice``, the point-sampled BCE and dice of the matched masks over ``N``
+(:func:`dfx.detection.mask_loss.mask_losses`); targets then carry ``"masks"`` [n, H, W] on the padded
+batch's pixel grid.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from dfx.detection.denoising import denoising_loss
-from dfx.detection.loss_config import HybridLossConfig, SetLossConfig
+from dfx.detection.loss_config import HybridLossConfig, MaskLossConfig, SetLossConfig
+from dfx.detection.mask_loss import mask_losses
 from dfx.detection.matcher import HungarianMatcher, check_targets, repeat_targets
 
 
@@ -39,24 +44,31 @@ class SetCriterion(nn.Module):
                  class_weight: float = SetLossConfig.class_weight, bbox_weight: float = SetLossConfig.bbox_weight,
                  giou_weight: float = SetLossConfig.giou_weight, focal_alpha: float = SetLossConfig.focal_alpha,
                  focal_gamma: float = SetLossConfig.focal_gamma, one2many_k: int = HybridLossConfig.one2many_k,
-                 one2many_weight: float = HybridLossConfig.one2many_weight):
+                 one2many_weight: float = HybridLossConfig.one2many_weight, masks: MaskLossConfig | None = None):
         super().__init__()
         SetLossConfig(class_weight=class_weight, bbox_weight=bbox_weight, giou_weight=giou_weight,
                       focal_alpha=focal_alpha, focal_gamma=focal_gamma).validate()
         HybridLossConfig(one2many_k, one2many_weight).validate()
         self.num_classes = num_classes
-        self.matcher = matcher or HungarianMatcher()
+        self.matcher = matcher or HungarianMatcher(masks=masks)
         self.weights = {"class": class_weight, "l1": bbox_weight, "giou": giou_weight}
+        if masks is not None:
+            masks.validate()
+            self.weights.update(mask=masks.mask_weight, dice=masks.dice_weight)
+        self.masks = masks
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.one2many_k, self.one2many_weight = one2many_k, one2many_weight
 
     @classmethod
-    def from_config(cls, num_classes: int, loss: SetLossConfig, hybrid: HybridLossConfig | None = None):
-        """The criterion (and its matcher) of a :class:`SetLossConfig` and :class:`HybridLossConfig`."""
+    def from_config(cls, num_classes: int, loss: SetLossConfig, hybrid: HybridLossConfig | None = None,
+                    masks: MaskLossConfig | None = None):
+        """The criterion (and its matcher) of a :class:`SetLossConfig`, :class:`HybridLossConfig` and
+        (MaskDINO) :class:`MaskLossConfig`."""
         hybrid = hybrid or HybridLossConfig()
-        matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.focal_alpha, loss.focal_gamma)
+        matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.focal_alpha, loss.focal_gamma,
+                                   masks)
         return cls(num_classes, matcher, loss.class_weight, loss.bbox_weight, loss.giou_weight, loss.focal_alpha,
-                   loss.focal_gamma, hybrid.one2many_k, hybrid.one2many_weight)
+                   loss.focal_gamma, hybrid.one2many_k, hybrid.one2many_weight, masks)
 
     def terms(self, outputs: dict, targets: list[dict], num_boxes: float, indices=None) -> dict:
         """Unweighted L_class, L_l1, L_giou of one set of predictions (matched here unless given;
@@ -80,7 +92,14 @@ class SetCriterion(nn.Module):
         l1 = (matched - matched_targets).abs().sum()
         giou = generalized_box_iou_loss(box_convert(matched, "cxcywh", "xyxy"),
                                         box_convert(matched_targets, "cxcywh", "xyxy"), reduction="sum")
-        return {"class": class_loss / num_boxes, "l1": l1 / num_boxes, "giou": giou / num_boxes}
+        terms = {"class": class_loss / num_boxes, "l1": l1 / num_boxes, "giou": giou / num_boxes}
+        if self.masks is not None and "pred_masks" in outputs:
+            target_masks = torch.cat([t["masks"][j.to(t["masks"].device)] for t, j in zip(targets, target_idx)])
+            m = self.masks
+            terms["mask"], terms["dice"] = mask_losses(outputs["pred_masks"][batch_idx, query_idx],
+                                                       target_masks.to(device), num_boxes, m.mask_points,
+                                                       m.oversample_ratio, m.importance_sample_ratio)
+        return terms
 
     def weighted(self, terms: dict) -> Tensor:
         return sum(self.weights[name] * value for name, value in terms.items())
@@ -100,6 +119,8 @@ class SetCriterion(nn.Module):
         # Checked once here rather than in each of the (layers x groups) matchings: every check
         # of device tensors stalls the host until the GPU catches up.
         check_targets(targets, outputs["pred_logits"].shape[0], self.num_classes)
+        if self.masks is not None and "pred_masks" in outputs:
+            _check_masks(targets)
         num_boxes = _global_box_count(targets, outputs["pred_logits"].device)
         total, last = self.group_loss(outputs, targets, num_boxes)
         logged = {f"loss_{name}": self.weights[name] * value for name, value in last.items()}
@@ -124,6 +145,16 @@ class SetCriterion(nn.Module):
         if "dn" in outputs:
             logs["dn_groups"] = outputs["dn"]["groups"]
         return total, logs
+
+
+def _check_masks(targets: list[dict]) -> None:
+    """Raise ValueError naming the first target without instance masks of its objects."""
+    for i, target in enumerate(targets):
+        masks = target.get("masks")
+        if masks is None or masks.dim() != 3 or len(masks) != len(target["labels"]):
+            got = "none" if masks is None else f"shape {tuple(masks.shape)}"
+            raise ValueError(f"targets[{i}]['masks'] must be [{len(target['labels'])}, H, W] (one mask per object) "
+                             f"for the mask losses, got {got}; load the data with masks (model.masks: true)")
 
 
 def _global_box_count(targets: list[dict], device) -> float:

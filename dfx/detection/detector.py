@@ -33,10 +33,19 @@ DINO's decoder differs from Deformable-DETR's in switches of the same model (IDE
 - ``content_query_init: xavier``, ``inverse_sigmoid_eps`` 1e-3, and the pixel encoding's
   ``position_temperature`` / ``position_offset`` (DINO: 20 and 0; detrex: 10000 and -0.5).
 
+MaskDINO is the ``masks`` switch (:mod:`dfx.detection.masks`): the backbone also gives its stride-4
+stage, every decoder layer's output carries ``pred_masks`` [B, Q, H/4, W/4] (logits on the padded
+batch's stride-4 grid), and the initial queries are predicted too (MaskDINO's ``initial_pred``: class,
+mask and their reference box, first of ``aux_outputs``); with ``encoder_loss: selected`` the selected
+proposals carry masks as well. The mask embedding reads the decoder's final norm of each output
+(MaskDINO's ``forward_prediction_heads``; with ``decoder_norm`` the decoder has normed it once already,
+as in the reference).
+
 Output of ``forward(images [B, 3, H, W], mask [B, H, W] True at padding)``::
 
     {"pred_logits": [B, Q1, K], "pred_boxes": [B, Q1, 4] (cxcywh in [0, 1] of the unpadded image),
      "aux_outputs": [{"pred_logits", "pred_boxes"}] * (decoder_layers - 1),
+     ("pred_masks" [B, Q1, H/4, W/4] in every prediction with ``masks``; one more aux entry first)
      "enc_outputs": {"pred_logits": [B, S, K or 1], "pred_boxes": [B, S, 4]}     (two-stage only),
      "one2many": {"pred_logits": [B, Q2, K], "pred_boxes", "aux_outputs"}        (training, Q2 > 0),
      "dn": {"pred_logits": [B, P, K], "pred_boxes", "aux_outputs", "groups", "group_size"}
@@ -57,8 +66,10 @@ from torch import Tensor, nn
 from dfx.detection.backbone import Backbone, InputProjection
 from dfx.detection.deformable_attention import MultiScaleDeformableAttention
 from dfx.detection.denoising import denoising_attention_mask, noised_queries
+from dfx.detection.masks import MaskHead, mask_boxes
 from dfx.detection.position import box_position_encoding, pixel_position_encoding
 from dfx.detection.transformer import INVERSE_SIGMOID_EPS, MLP, Decoder, Encoder, inverse_sigmoid
+from dfx.errors import UsageError
 
 DETECTIONS = 100  # (query, class) pairs kept per image by postprocess, as in Deformable-DETR's evaluation
 
@@ -103,6 +114,10 @@ class DetectorConfig:
     shared_heads: bool = False
     content_query_init: Literal["normal", "xavier"] = "normal"
     inverse_sigmoid_eps: float = INVERSE_SIGMOID_EPS
+    masks: bool = False  # MaskDINO's mask branch (dfx.detection.masks): a mask per query from the stride-4 map
+    # MaskDINO: the decoder's first reference boxes are the selected proposals' mask boxes; mask2box: last
+    # pixel inclusive (torchvision masks_to_boxes), bitmask: exclusive (detectron2 BitMasks); no: their boxes
+    initialize_box_type: Literal["no", "mask2box", "bitmask"] = "no"
 
     def validate(self) -> None:
         """Raise ValueError naming the field for inconsistent settings."""
@@ -131,6 +146,12 @@ class DetectorConfig:
                              "set two_stage: true")
         if self.encoder_loss == "selected" and not self.two_stage:
             raise ValueError("encoder_loss selected scores the two-stage proposals: set two_stage: true")
+        if self.masks and not self.two_stage:
+            raise ValueError("masks: MaskDINO predicts masks of DINO's selected queries: set two_stage: true")
+        if self.initialize_box_type != "no" and not (self.masks and self.encoder_loss == "selected"
+                                                     and self.query_position == "per_layer"):
+            raise ValueError("initialize_box_type boxes the selected proposals' masks: set masks: true, "
+                             "encoder_loss: selected and query_position: per_layer")
         if not 0 < self.inverse_sigmoid_eps < 0.5:
             raise ValueError(f"inverse_sigmoid_eps must be in (0, 0.5), got {self.inverse_sigmoid_eps}")
 
@@ -169,10 +190,12 @@ class DeformableDETR(nn.Module):
         config.validate()
         self.config = config
         c = config.dim
-        self.backbone = Backbone(config.backbone, config.pretrained, num_outs=min(3, config.levels),
+        stages = min(3, config.levels)
+        self.backbone = Backbone(config.backbone, config.pretrained, num_outs=stages + config.masks,
                                  frozen_bn=config.frozen_bn, kwargs=config.backbone_kwargs,
                                  frozen_stages=config.backbone_frozen_stages)
-        self.input_proj = InputProjection(self.backbone.channels, c, config.levels)
+        self.input_proj = InputProjection(self.backbone.channels[-stages:], c, config.levels)
+        self.mask_head = self._mask_head() if config.masks else None
         self.level_embed = nn.Parameter(torch.empty(config.levels, c).normal_())
         layer = dict(dim=c, heads=config.heads, levels=config.levels, points=config.points, ffn_dim=config.ffn_dim,
                      dropout=config.dropout)
@@ -212,6 +235,14 @@ class DeformableDETR(nn.Module):
             # boxes predicted around a point reference start at w = h ~ 0.12 (two-stage ones start
             # from the proposal's own size)
             nn.init.constant_(self.box_heads[0].layers[-1].bias[2:], -2.0)
+
+    def _mask_head(self) -> MaskHead:
+        """The mask branch on the backbone stage before the transformer's finest one (stride 4 of 8)."""
+        strides = self.backbone.strides
+        if strides[1] != 2 * strides[0]:
+            raise UsageError(f"model.masks: the backbone {self.config.backbone!r} gives strides {strides[:2]}, "
+                             "the mask branch needs a stage at half the finest transformer stride")
+        return MaskHead(self.backbone.channels[0], self.config.dim)
 
     def _init_transformer(self) -> None:
         """The reference's initialisation: xavier on every weight matrix of the encoder, decoder and
@@ -306,6 +337,8 @@ class DeformableDETR(nn.Module):
         if self.config.encoder_loss == "selected":
             picked = torch.gather(enc_logits, 1, top[..., None].expand(-1, -1, enc_logits.shape[-1]))
             out["enc_outputs"] = {"pred_logits": picked, "pred_boxes": selected.sigmoid()}
+            if self.mask_head is not None:  # their masks need the pixel embedding: forward adds them
+                out["enc_outputs"]["tokens"] = torch.gather(enc_memory, 1, top[..., None].expand(-1, -1, c))
         else:
             out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes.sigmoid()}
         reference = selected.detach().sigmoid()
@@ -321,6 +354,29 @@ class DeformableDETR(nn.Module):
     def _box_position(self, reference: Tensor) -> Tensor:
         """Boxes [B, Q, 4] in [0, 1] -> their projected sine encoding [B, Q, C or 2C]."""
         return self.pos_trans_norm(self.pos_trans(box_position_encoding(reference, self.config.dim // 2)))
+
+    def _proposal_masks(self, stage4: Tensor, memory: Tensor, shapes, out: dict) -> Tensor:
+        """MaskDINO's pixel embedding [B, C, H/4, W/4] (returned), and the selected proposals' masks in
+        ``out["enc_outputs"]`` (with ``encoder_loss: selected``)."""
+        height, width = shapes[0]
+        encoded8 = memory[:, : height * width].transpose(1, 2).unflatten(-1, (height, width))
+        mask_features = self.mask_head.pixel_embedding(stage4, encoded8)
+        enc = out.get("enc_outputs", {})
+        if "tokens" in enc:
+            enc["pred_masks"] = self.mask_head((self.decoder.norm or nn.Identity())(enc.pop("tokens")), mask_features)
+        return mask_features
+
+    def _add_masks(self, mask_features: Tensor, content: Tensor, reference: Tensor, states: list[Tensor],
+                   layers: list[dict]) -> list[dict]:
+        """MaskDINO: ``pred_masks`` on every decoder layer's prediction, and a prediction of the initial
+        queries (content and reference as they enter the decoder) put first."""
+        norm = self.decoder.norm or nn.Identity()
+        for layer, state in zip(layers, states):
+            layer["pred_masks"] = self.mask_head(norm(state), mask_features)
+        initial = norm(content)
+        layers.insert(0, {"pred_logits": self._class_logits(0, initial), "pred_boxes": reference,
+                          "pred_masks": self.mask_head(initial, mask_features)})
+        return layers
 
     def _add_denoising(self, targets, content: Tensor, query_pos: Tensor, reference: Tensor):
         """DINO: noised targets as queries placed before the matching ones -> (DenoisingQueries or None
@@ -340,7 +396,8 @@ class DeformableDETR(nn.Module):
         """``targets`` (per image {"labels", "boxes" cxcywh}) feed the denoising queries in training."""
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-        maps, masks = self.input_proj(*self.backbone(images, mask))
+        features, padded = self.backbone(images, mask)
+        maps, masks = self.input_proj(features[-self.input_proj.num_stages :], padded)
         src, pos, flat_mask, shapes, valid_ratios = self._flatten(maps, masks)
         memory = self.encoder(src, pos, shapes, valid_ratios, flat_mask)
 
@@ -348,6 +405,13 @@ class DeformableDETR(nn.Module):
         one2many = self.config.one2many_queries if self.training else 0
         out: dict = {}
         content, query_pos, reference = self._queries(memory, flat_mask, shapes, one2one + one2many, out)
+        mask_features = None
+        if self.mask_head is not None:
+            mask_features = self._proposal_masks(features[0][0], memory, shapes, out)
+            if self.config.initialize_box_type != "no":
+                exclusive = self.config.initialize_box_type == "bitmask"
+                boxes = mask_boxes(out["enc_outputs"]["pred_masks"], padded, exclusive)
+                reference = inverse_sigmoid(boxes, self.config.inverse_sigmoid_eps).sigmoid()  # the reference's clamp
         groups = [one2one, one2many] if one2many else [one2one]
         dn, attn_mask = None, None
         if self.training and self.config.dn_queries and targets is not None:
@@ -360,6 +424,8 @@ class DeformableDETR(nn.Module):
                                      attn_mask=attn_mask)
         layers = [{"pred_logits": self._class_logits(i, s), "pred_boxes": b}
                   for i, (s, b) in enumerate(zip(states, boxes))]
+        if self.mask_head is not None:
+            layers = self._add_masks(mask_features, content, reference, states, layers)
         if dn is not None:
             denoised = [{k: v[:, : dn.size] for k, v in layer.items()} for layer in layers]
             out["dn"] = {**denoised[-1], "aux_outputs": denoised[:-1], "groups": dn.groups, "group_size": dn.group_size}
@@ -379,7 +445,8 @@ def postprocess(outputs: dict, sizes: Tensor, detections: int = DETECTIONS) -> l
 
     outputs: {"pred_logits": [B, Q, K], "pred_boxes": [B, Q, 4] cxcywh in [0, 1]}; sizes [B, 2]
     (height, width) to scale to. Returns per image {"scores": [D], "labels": [D], "boxes": [D, 4]
-    xyxy}. A query may appear with several classes, as in Deformable-DETR's evaluation.
+    xyxy, "queries": [D] the query each comes from}. A query may appear with several classes, as in
+    Deformable-DETR's evaluation.
     """
     from torchvision.ops import box_convert
 
@@ -391,4 +458,4 @@ def postprocess(outputs: dict, sizes: Tensor, detections: int = DETECTIONS) -> l
     height, width = sizes.unbind(-1)
     scale = torch.stack((width, height, width, height), -1)[:, None].to(picked.dtype)
     xyxy = box_convert(picked, "cxcywh", "xyxy") * scale
-    return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, xyxy)]
+    return [{"scores": s, "labels": l, "boxes": b, "queries": q} for s, l, b, q in zip(scores, labels, xyxy, query)]

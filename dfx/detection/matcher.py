@@ -12,6 +12,9 @@ Shapes: ``B`` images, ``Q`` queries, ``K`` classes, ``n_i`` targets in image ``i
   ``C_class = alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))``.
 - ``repeat_targets`` builds H-DETR's one-to-many targets: every object repeated ``k`` times, so
   the same matcher assigns each ground-truth box to ``k`` distinct queries.
+- With a :class:`MaskLossConfig` and predictions carrying ``pred_masks`` (MaskDINO), each image's cost
+  adds ``cost_mask * BCE + cost_dice * dice`` of its masks on shared uniform random points
+  (:func:`dfx.detection.mask_loss.mask_costs`); targets then carry ``"masks"`` [n, H, W].
 """
 
 import numpy as np
@@ -20,7 +23,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
-from dfx.detection.loss_config import SetLossConfig
+from dfx.detection.loss_config import MaskLossConfig, SetLossConfig
+from dfx.detection.mask_loss import mask_costs
 
 # Keeps log() finite when a probability saturates at exactly 0 or 1.
 _LOG_EPS = 1e-8
@@ -83,6 +87,7 @@ class HungarianMatcher(nn.Module):
         cost_giou: weight of the negative generalised IoU between xyxy boxes.
         focal_alpha: focal cost alpha, in [0, 1].
         focal_gamma: focal cost gamma, >= 0.
+        masks: MaskDINO's mask costs and matching points; None: boxes and classes only.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class HungarianMatcher(nn.Module):
         cost_giou: float = SetLossConfig.cost_giou,
         focal_alpha: float = SetLossConfig.focal_alpha,
         focal_gamma: float = SetLossConfig.focal_gamma,
+        masks: MaskLossConfig | None = None,
     ):
         super().__init__()
         settings = SetLossConfig(cost_class=float(cost_class), cost_bbox=float(cost_bbox), cost_giou=float(cost_giou),
@@ -99,6 +105,9 @@ class HungarianMatcher(nn.Module):
         settings.validate()
         self.cost_class, self.cost_bbox, self.cost_giou = settings.cost_class, settings.cost_bbox, settings.cost_giou
         self.focal_alpha, self.focal_gamma = settings.focal_alpha, settings.focal_gamma
+        if masks is not None:
+            masks.validate()
+        self.masks = masks
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, labels: Tensor, target_boxes: Tensor) -> Tensor:
         """Pairwise matching cost.
@@ -176,9 +185,13 @@ class HungarianMatcher(nn.Module):
             raise ValueError("the matching cost contains NaN or inf values (degenerate boxes?)")
         cost = cost.view(batch_size, num_queries, -1)
 
+        with_masks = self.masks is not None and "pred_masks" in outputs
         indices = []
         for image, block in enumerate(cost.split(sizes, dim=-1)):
             costs = block[image]
+            if with_masks and sizes[image]:
+                bce, dice = mask_costs(outputs["pred_masks"][image], targets[image]["masks"], self.masks.mask_points)
+                costs = costs + (self.masks.cost_mask * bce + self.masks.cost_dice * dice).cpu().to(costs.dtype)
             if repeat > 1:  # columns t0..tn, t0..tn, ...: the layout of repeat_targets
                 costs = costs.repeat(1, repeat)
             query_idx, target_idx = linear_sum_assignment(costs.numpy())

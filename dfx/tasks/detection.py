@@ -27,7 +27,7 @@ from dfx.data.det_transforms import DetectionTransform, collate_detection
 from dfx.data.formats import SPLITS, DetectionData, find_detection_data
 from dfx.detection import DeformableDETR, DetectorConfig, SetCriterion, official, official_dino, postprocess
 from dfx.detection.detector import DETECTIONS
-from dfx.detection.loss_config import HybridLossConfig, SetLossConfig
+from dfx.detection.loss_config import HybridLossConfig, MaskLossConfig, SetLossConfig
 from dfx.errors import UsageError
 from dfx.weights import load_recipe_weights
 from dfx.files import write_text_atomic
@@ -72,13 +72,14 @@ class ModelConfig(HybridLossConfig, DetectorConfig, WeightsConfig):
 
 
 @dataclass
-class LossConfig(SetLossConfig):
+class LossConfig(MaskLossConfig, SetLossConfig):
     """Hungarian matcher costs and loss weights (:class:`SetLossConfig`; Deformable-DETR's: focal 2,
-    L1 5, GIoU 2)."""
+    L1 5, GIoU 2), and MaskDINO's mask terms (:class:`MaskLossConfig`), used with ``model.masks``."""
 
     def validate(self, prefix: str) -> None:
         try:
-            super().validate()
+            SetLossConfig.validate(self)
+            MaskLossConfig.validate(self)
         except ValueError as e:  # the message starts with the field's name
             raise UsageError(f"{prefix}.{e}") from None
 
@@ -229,7 +230,8 @@ class Task:
         # a split without some class (val often lacks a rare one) still gets the model's classes, by name
         dataset = CocoDetection(source.images, source.ann_file, transform, category_ids=data.category_ids,
                                 skip_invalid=data.skip_invalid, annotations=source.annotations,
-                                classes=self.classes if data.category_ids is None else None)
+                                classes=self.classes if data.category_ids is None else None,
+                                masks=self.recipe.model.masks)
         for reason, count in source.skipped.items():
             dataset.skipped[reason] = dataset.skipped.get(reason, 0) + count
         if any(dataset.skipped.values()):
@@ -266,7 +268,10 @@ class Task:
         return list(read.category_ids) if read is not None else None
 
     def criterion(self) -> SetCriterion:
-        return SetCriterion.from_config(len(self.classes), self.recipe.loss, self.recipe.model)
+        loss = self.recipe.loss
+        masks = MaskLossConfig(**{f.name: getattr(loss, f.name) for f in fields(MaskLossConfig)}) \
+            if self.recipe.model.masks else None
+        return SetCriterion.from_config(len(self.classes), self.recipe.loss, self.recipe.model, masks)
 
     def param_groups(self, model) -> list[dict]:
         """Backbone at ``train.backbone_lr``; sampling offsets and reference points at lr × offset_lr_mult;
@@ -319,6 +324,7 @@ class Evaluator:
     def __init__(self, task: Task, dataset: CocoDetection):
         self.task, self.dataset = task, dataset
         self.results: list[dict] = []
+        self.segm_results: list[dict] = []  # with model.masks: the same detections' masks (RLE)
         self.drawn: list[tuple] = []
 
     @torch.no_grad()
@@ -332,14 +338,28 @@ class Evaluator:
         self.results += to_coco_results([int(t["image_id"]) for t in targets], [d["boxes"].cpu() for d in detections],
                                         [d["scores"].cpu() for d in detections],
                                         [d["labels"].cpu() for d in detections], self.dataset.category_ids)
+        if "pred_masks" in outputs:
+            self._add_masks(outputs["pred_masks"], detections, targets)
         wanted = self.task.recipe.eval.draw_images
         if self.task.output_dir is not None and len(self.drawn) < wanted:
             for target, found in zip(targets, detections):
                 if len(self.drawn) < wanted:
                     self.drawn.append((int(target["image_id"]), {k: v.cpu() for k, v in found.items()}))
 
+    def _add_masks(self, pred_masks, detections: list[dict], targets: list[dict]) -> None:
+        """The detections' masks as COCO segm results, scored as MaskDINO does: class score x mask score."""
+        from dfx.data.coco_eval import to_coco_segm_results
+        from dfx.detection.masks import instance_masks
+
+        masks, mask_scores = instance_masks(pred_masks, [d["queries"] for d in detections],
+                                            torch.stack([t["size"] for t in targets]),
+                                            torch.stack([t["orig_size"] for t in targets]))
+        self.segm_results += to_coco_segm_results([int(t["image_id"]) for t in targets], [m.cpu() for m in masks],
+                                                  [(d["scores"] * s).cpu() for d, s in zip(detections, mask_scores)],
+                                                  [d["labels"].cpu() for d in detections], self.dataset.category_ids)
+
     def state(self) -> dict:
-        return {"results": self.results}
+        return {"results": self.results, "segm_results": self.segm_results}
 
     def summarize(self, states: list[dict]) -> dict:
         from dfx.data.coco_eval import class_ap, run_cocoeval, without_ground_truth
@@ -347,6 +367,11 @@ class Evaluator:
         results = [r for s in states for r in s["results"]]
         metrics, cocoeval = run_cocoeval(self.dataset.coco, results)
         metrics.update({f"AP/{name}": value for name, value in class_ap(cocoeval).items()})
+        if self.task.recipe.model.masks:  # mask AP next to box AP, as segm/AP, segm/AP50, ...
+            segm, segm_eval = run_cocoeval(self.dataset.coco, [r for s in states for r in s.get("segm_results", [])],
+                                           iou_type="segm")
+            metrics.update({f"segm/{name}": value for name, value in segm.items()})
+            metrics.update({f"segm/AP/{name}": value for name, value in class_ap(segm_eval).items()})
         missing = without_ground_truth(cocoeval)
         if missing and not self.task._noted_missing and _is_main():
             self.task._noted_missing = True
