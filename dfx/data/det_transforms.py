@@ -145,8 +145,8 @@ def collate_detection(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, Tensor,
 
     Returns images [B, 3, Hmax, Wmax] (zeros in the padding, bottom and right), masks
     [B, Hmax, Wmax] bool (True = padding, as the detector's attention masks expect) and the
-    targets as a list, unchanged but for instance ``masks``, zero-padded to [N, Hmax, Wmax] (the
-    frame the mask losses read).
+    targets as a list (``None`` where there is none, as in prediction), unchanged but for instance
+    ``masks``, zero-padded to [N, Hmax, Wmax] (the frame the mask losses read).
     """
     images = [image for image, _ in batch]
     height = max(image.shape[1] for image in images)
@@ -158,7 +158,7 @@ def collate_detection(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, Tensor,
         masks[i, :image.shape[1], :image.shape[2]] = False
     targets = [target for _, target in batch]
     for i, target in enumerate(targets):
-        if "masks" in target:
+        if target is not None and "masks" in target:
             instance = target["masks"]
             framed = instance.new_zeros(instance.shape[0], height, width)
             framed[:, : instance.shape[1], : instance.shape[2]] = instance
