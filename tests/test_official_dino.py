@@ -21,9 +21,8 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from test_official_weights import (COCO_IDS, RECIPES, _box_head, _deformable, _images, _linear, _norm, official_args,
-                                   official_state_dict, save_released)
+                                   official_state_dict, reference_encoder, reference_proposals, save_released)
 
 import dfx
 from dfx.detection import DeformableDETR, DetectorConfig, postprocess
@@ -125,19 +124,6 @@ def _inverse_sigmoid(x, eps=1e-3):
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def _sine_hw(mask, feats, temperature, offset):
-    """PositionEmbeddingSineHW (DINO: temperature 20, no offset) / detrex's PositionEmbeddingSine."""
-    not_mask = (~mask).float()
-    y, x = not_mask.cumsum(1), not_mask.cumsum(2)
-    y = (y + offset) / (y[:, -1:, :] + 1e-6) * 2 * math.pi
-    x = (x + offset) / (x[:, :, -1:] + 1e-6) * 2 * math.pi
-    dim_t = temperature ** (2 * (torch.arange(feats, dtype=torch.float32) // 2) / feats)
-    px, py = x[..., None] / dim_t, y[..., None] / dim_t
-    px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), 4).flatten(3)
-    py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), 4).flatten(3)
-    return torch.cat((py, px), 3).permute(0, 3, 1, 2)
-
-
 def _sine_of_boxes(boxes):
     """gen_sineembed_for_position: 128 features per coordinate, in (y, x, w, h) order."""
     dim_t = 10000 ** (2 * (torch.arange(128, dtype=torch.float32) // 2) / 128)
@@ -152,56 +138,10 @@ def _sine_of_boxes(boxes):
 def dino_forward(w: dict, args: dict, images, mask, temperature=20.0, offset=0.0, heads="shared"):
     """(pred_logits [B, Q, K], pred_boxes [B, Q, 4]) of the last decoder layer, as the reference computes them."""
     c, layers, queries = args["hidden_dim"], args["dec_layers"], args["num_queries_one2one"]
-    net = getattr(torchvision.models, args["backbone"])(norm_layer=torchvision.ops.FrozenBatchNorm2d)
-    net.load_state_dict({k[len("backbone.0.body."):]: v for k, v in w.items() if k.startswith("backbone.0.body.")},
-                        strict=False)
-    x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
-    features = []
-    for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
-        x = stage(x)
-        features.append(x)
-    srcs, masks = [], []
-    for level in range(args["num_feature_levels"]):
-        source, extra = (features[level + 1], {}) if level < 3 else (features[-1], {"stride": 2, "padding": 1})
-        src = F.conv2d(source, w[f"input_proj.{level}.0.weight"], w[f"input_proj.{level}.0.bias"], **extra)
-        srcs.append(F.group_norm(src, 32, w[f"input_proj.{level}.1.weight"], w[f"input_proj.{level}.1.bias"]))
-        masks.append(F.interpolate(mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0])
-    shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.long)
-    src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
-    pad = torch.cat([m.flatten(1) for m in masks], 1)
-    lvl_pos = torch.cat([_sine_hw(m, c // 2, temperature, offset).flatten(2).transpose(1, 2)
-                         + w["transformer.level_embed"][i] for i, m in enumerate(masks)], 1)
-    ratios = torch.stack([torch.stack([(~m[:, 0, :]).sum(1).float() / m.shape[2],
-                                       (~m[:, :, 0]).sum(1).float() / m.shape[1]], -1) for m in masks], 1)
-    refs = []
-    for level, (h, wd) in enumerate(shapes.tolist()):
-        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h), torch.linspace(0.5, wd - 0.5, wd), indexing="ij")
-        refs.append(torch.stack((rx.reshape(-1)[None] / (ratios[:, None, level, 0] * wd),
-                                 ry.reshape(-1)[None] / (ratios[:, None, level, 1] * h)), -1))
-    enc_ref = torch.cat(refs, 1)[:, :, None] * ratios[:, None]
-    memory = src
-    for i in range(args["enc_layers"]):
-        name = f"transformer.encoder.layers.{i}"
-        attended = _deformable(w, name + ".self_attn", memory + lvl_pos, enc_ref, memory, shapes, pad, args,
-                               args["enc_n_points"])
-        memory = _norm(w, name + ".norm1", memory + attended)
-        memory = _norm(w, name + ".norm2", memory + _linear(w, name + ".linear2",
-                                                             _linear(w, name + ".linear1", memory).relu()))
+    memory, shapes, pad, ratios = reference_encoder(w, args, images, mask, temperature, offset)
     # gen_encoder_output_proposals, then the standard two-stage selection by the best class
-    batch, proposals, start = images.shape[0], [], 0
-    for level, (h, wd) in enumerate(shapes.tolist()):
-        m = pad[:, start:start + h * wd].view(batch, h, wd)
-        valid_h, valid_w = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)
-        gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h), torch.linspace(0, wd - 1, wd), indexing="ij")
-        grid = (torch.stack((gx, gy), -1)[None] + 0.5) / torch.stack((valid_w, valid_h), -1).view(batch, 1, 1, 2)
-        proposals.append(torch.cat((grid, torch.ones_like(grid) * 0.05 * 2.0 ** level), -1).view(batch, -1, 4))
-        start += h * wd
-    proposals = torch.cat(proposals, 1)
-    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
-    proposals = torch.log(proposals / (1 - proposals)).masked_fill(pad[..., None], float("inf"))
-    proposals = proposals.masked_fill(~valid, float("inf"))
-    out_memory = memory.masked_fill(pad[..., None], 0.0).masked_fill(~valid, 0.0)
-    out_memory = _norm(w, "transformer.enc_output_norm", _linear(w, "transformer.enc_output", out_memory))
+    batch = images.shape[0]
+    out_memory, proposals = reference_proposals(w, memory, shapes, pad)
     enc_class = _linear(w, "transformer.enc_out_class_embed", out_memory)
     enc_coord = _box_head(w, "transformer.enc_out_bbox_embed", out_memory) + proposals
     top = torch.topk(enc_class.max(-1)[0], queries, dim=1)[1]

@@ -168,12 +168,13 @@ def _deformable(w, name, query, reference, value, shapes, padding, args, points)
     return _linear(w, name + ".output_proj", ms_deform_attn(value, shapes, locations, weights))
 
 
-def _sine(mask, feats):
+def _sine(mask, feats, temperature=10000.0, offset=-0.5):
+    """Deformable-DETR's PositionEmbeddingSine (DINO's PositionEmbeddingSineHW: temperature 20, offset 0)."""
     not_mask = (~mask).float()
     y, x = not_mask.cumsum(1), not_mask.cumsum(2)
-    y = (y - 0.5) / (y[:, -1:, :] + 1e-6) * 2 * math.pi
-    x = (x - 0.5) / (x[:, :, -1:] + 1e-6) * 2 * math.pi
-    dim_t = 10000 ** (2 * (torch.arange(feats, dtype=torch.float32) // 2) / feats)
+    y = (y + offset) / (y[:, -1:, :] + 1e-6) * 2 * math.pi
+    x = (x + offset) / (x[:, :, -1:] + 1e-6) * 2 * math.pi
+    dim_t = temperature ** (2 * (torch.arange(feats, dtype=torch.float32) // 2) / feats)
     px, py = x[..., None] / dim_t, y[..., None] / dim_t
     px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), 4).flatten(3)
     py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), 4).flatten(3)
@@ -190,9 +191,9 @@ def _box_head(w, name, x):
     return _linear(w, name + ".layers.2", _linear(w, name + ".layers.1", x).relu())
 
 
-@torch.no_grad()
-def reference_forward(w: dict, args: dict, images, mask):
-    """(pred_logits [B, Q1, 91], pred_boxes [B, Q1, 4]) as the reference computes them."""
+def reference_encoder(w: dict, args: dict, images, mask, temperature=10000.0, offset=-0.5):
+    """The reference's backbone, input projections, sine encoding and encoder -> (memory [B, S, C],
+    level shapes [L, 2], padding [B, S], valid ratios [B, L, 2])."""
     c = args["hidden_dim"]
     net = getattr(torchvision.models, args["backbone"])(norm_layer=torchvision.ops.FrozenBatchNorm2d)
     net.load_state_dict({k[len("backbone.0.body."):]: v for k, v in w.items() if k.startswith("backbone.0.body.")},
@@ -213,7 +214,7 @@ def reference_forward(w: dict, args: dict, images, mask):
         src = F.conv2d(source, w[f"input_proj.{level}.0.weight"], w[f"input_proj.{level}.0.bias"], **kernel_args)
         srcs.append(F.group_norm(src, 32, w[f"input_proj.{level}.1.weight"], w[f"input_proj.{level}.1.bias"]))
         masks.append(F.interpolate(mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0])
-    pos = [_sine(m, c // 2) for m in masks]
+    pos = [_sine(m, c // 2, temperature, offset) for m in masks]
     shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.long)
     src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
     pad = torch.cat([m.flatten(1) for m in masks], 1)
@@ -234,24 +235,39 @@ def reference_forward(w: dict, args: dict, images, mask):
         memory = _norm(w, name + ".norm1", memory + attended)
         memory = _norm(w, name + ".norm2", memory + _linear(w, name + ".linear2",
                                                              _linear(w, name + ".linear1", memory).relu()))
+    return memory, shapes, pad, ratios
+
+
+def reference_proposals(w: dict, memory, shapes, pad):
+    """gen_encoder_output_proposals and enc_output -> (output memory [B, S, C], proposals before the
+    sigmoid [B, S, 4], inf where padded or too close to the border)."""
+    batch, proposals, start = memory.shape[0], [], 0
+    for level, (h, wd) in enumerate(shapes.tolist()):
+        m = pad[:, start:start + h * wd].view(batch, h, wd)
+        valid_h, valid_w = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)
+        gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h), torch.linspace(0, wd - 1, wd), indexing="ij")
+        grid = (torch.stack((gx, gy), -1)[None] + 0.5) / torch.stack((valid_w, valid_h), -1).view(batch, 1, 1, 2)
+        proposals.append(torch.cat((grid, torch.ones_like(grid) * 0.05 * 2.0 ** level), -1).view(batch, -1, 4))
+        start += h * wd
+    proposals = torch.cat(proposals, 1)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    proposals = torch.log(proposals / (1 - proposals)).masked_fill(pad[..., None], float("inf"))
+    proposals = proposals.masked_fill(~valid, float("inf"))
+    out_memory = memory.masked_fill(pad[..., None], 0.0).masked_fill(~valid, 0.0)
+    out_memory = _norm(w, "transformer.enc_output_norm", _linear(w, "transformer.enc_output", out_memory))
+    return out_memory, proposals
+
+
+@torch.no_grad()
+def reference_forward(w: dict, args: dict, images, mask):
+    """(pred_logits [B, Q1, 91], pred_boxes [B, Q1, 4]) as the reference computes them."""
+    c = args["hidden_dim"]
+    memory, shapes, pad, ratios = reference_encoder(w, args, images, mask)
     batch, layers = images.shape[0], args["dec_layers"]
     one2one = args["num_queries_one2one"]
     queries = one2one + args["num_queries_one2many"]
     if args["two_stage"]:
-        proposals, start = [], 0
-        for level, (h, wd) in enumerate(shapes.tolist()):
-            m = pad[:, start:start + h * wd].view(batch, h, wd)
-            valid_h, valid_w = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)
-            gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h), torch.linspace(0, wd - 1, wd), indexing="ij")
-            grid = (torch.stack((gx, gy), -1)[None] + 0.5) / torch.stack((valid_w, valid_h), -1).view(batch, 1, 1, 2)
-            proposals.append(torch.cat((grid, torch.ones_like(grid) * 0.05 * 2.0 ** level), -1).view(batch, -1, 4))
-            start += h * wd
-        proposals = torch.cat(proposals, 1)
-        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
-        proposals = torch.log(proposals / (1 - proposals)).masked_fill(pad[..., None], float("inf"))
-        proposals = proposals.masked_fill(~valid, float("inf"))
-        out_memory = memory.masked_fill(pad[..., None], 0.0).masked_fill(~valid, 0.0)
-        out_memory = _norm(w, "transformer.enc_output_norm", _linear(w, "transformer.enc_output", out_memory))
+        out_memory, proposals = reference_proposals(w, memory, shapes, pad)
         enc_class = _linear(w, f"class_embed.{layers}", out_memory)
         enc_coord = _box_head(w, f"bbox_embed.{layers}", out_memory) + proposals
         top = torch.topk(enc_class[..., 0], queries, dim=1)[1]
