@@ -54,6 +54,37 @@ def test_groups_follow_the_budget_and_fall_back_to_one():
     assert noised_queries([{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}], 100, 3) is None
 
 
+def test_small_budgets_follow_each_reference():
+    """IDEA-Research/DINO divides only a dn_number of 50 and more by the object count (2·dn_number
+    groups below that, whatever M); detrex always divides."""
+    assert denoising_groups(20, 6, "dino") == 40 and denoising_groups(49, 1, "dino") == 98
+    assert denoising_groups(50, 6, "dino") == 8 == denoising_groups(50, 6) and denoising_groups(20, 6) == 3
+    assert denoising_groups(20, 0, "dino") == 0 and denoising_groups(0, 3, "dino") == 0
+    dn = noised_queries(TARGETS, 4, 3, group_rule="dino")
+    assert (dn.groups, dn.group_size) == (8, 4)  # per_object gives 2 (the test above)
+    model = build(dn_queries=4, dn_groups="dino")
+    model.train()
+    assert model(images(), None, TARGETS)["dn"]["groups"] == 8
+
+
+def test_noise_labels_come_from_the_whole_label_book():
+    """dn_label_book 7 over 4 classes: a flip draws one of 7 ids, 3 of which are no class and have
+    denoising label embeddings of their own (IDEA-Research/DINO: 91 COCO ids, 80 classes)."""
+    targets = many_targets(400)
+    dn = noised_queries(targets, 8000, 7, label_noise=0.6, box_noise=0.0, generator=torch.Generator().manual_seed(2))
+    truth = targets[0]["labels"].repeat(dn.groups * 2)
+    assert float((dn.labels[0] != truth).float().mean()) == pytest.approx(0.3 * 6 / 7, abs=0.015)
+    assert float((dn.labels[0] >= 4).float().mean()) == pytest.approx(0.3 * 3 / 7, abs=0.012)
+    assert dn.labels.max() == 6
+    model = build(dn_queries=4, dn_label_book=7)
+    assert model.dn_label_embed.weight.shape == (7, 32)
+    model.train()
+    model.config = DetectorConfig(**{**TINY, "dn_queries": 4, "dn_label_book": 7, "label_noise": 1.0})
+    assert torch.isfinite(model(images(), None, TARGETS)["pred_logits"]).all()
+    with pytest.raises(ValueError, match="dn_label_book"):
+        DetectorConfig(**{**TINY, "dn_queries": 4, "dn_label_book": 2}).validate()
+
+
 # --- the noise ------------------------------------------------------------------------------------
 
 def test_box_noise_stays_in_its_ranges():

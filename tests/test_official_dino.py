@@ -218,8 +218,10 @@ def test_released_dino_checkpoint_gives_the_reference_outputs(tmp_path):
     torch.testing.assert_close(outputs["pred_logits"], logits[..., COCO_IDS], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(outputs["pred_boxes"], boxes, rtol=1e-4, atol=1e-5)
     _assert_same_detections(outputs, logits, boxes, COCO_IDS)
-    own = model.state_dict()  # the 92-row label embedding: class k is row category_ids[k]
-    assert torch.equal(own["dn_label_embed.weight"], state["label_enc.weight"][COCO_IDS])
+    own = model.state_dict()  # the 92-row label embedding: class k is row category_ids[k], then the 11 ids
+    others = [i for i in range(91) if i not in COCO_IDS]  # of 0-90 that are no category, in id order
+    assert len(others) == 11 and others[:3] == [0, 12, 26]
+    assert torch.equal(own["dn_label_embed.weight"], state["label_enc.weight"][COCO_IDS + others])
 
 
 def test_released_detrex_checkpoint_gives_the_reference_outputs(tmp_path):
@@ -387,6 +389,7 @@ def test_dino_recipe_is_the_reference_config():
         (True, True, True, True, "class_aware")
     assert (m.inverse_sigmoid_eps, m.position_temperature, m.position_offset) == (1e-3, 20, 0.0)
     assert (m.dn_queries, m.label_noise, m.box_noise, m.backbone_frozen_stages) == (100, 0.5, 1.0, 1)
+    assert (m.dn_label_book, detrex.model.dn_label_book) == (91, 0)  # DINO: num_classes=91; detrex: 80
     assert (loss.class_weight, loss.bbox_weight, loss.giou_weight, loss.cost_class, loss.cost_bbox, loss.cost_giou) \
         == (1.0, 5.0, 2.0, 2.0, 5.0, 2.0)
     assert (t.lr, t.backbone_lr, t.offset_lr_mult, t.weight_decay, t.grad_clip, t.epochs, t.milestones,

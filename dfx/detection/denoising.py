@@ -19,7 +19,14 @@ Noise, with ``λ`` = ``box_noise``:
 ``G = dn_queries // M`` (``dn_queries`` is the reference's ``dn_number``, doubled there for the
 positive and negative halves before dividing by ``2·M``: up to ``2·dn_queries`` denoising queries);
 when ``dn_queries < M`` dfx falls back to one group, i.e. ``2·M`` denoising queries for that batch,
-as the reference does.
+as the references do. IDEA-Research/DINO divides only budgets of 50 and more (a doubled
+``dn_number`` of at least 100): below that it makes ``G = 2·dn_queries`` groups whatever ``M``
+(``model.dn_groups: dino``); detrex always divides (``dn_groups: per_object``, the default).
+
+Label noise draws from ``label_book`` ids (``num_classes`` unless the recipe sets
+``model.dn_label_book``): IDEA-Research/DINO indexes its classes by COCO category id and draws noise
+labels from all 91 ids, 11 of which are no category; ``dn_label_book: 91`` with 80 classes draws
+the same way, ids past the classes having denoising label embeddings of their own.
 
 Self-attention (:func:`denoising_attention_mask`): matching queries never see denoising queries,
 denoising groups never see each other; a denoising group sees itself and the one-to-one queries,
@@ -59,23 +66,30 @@ class DenoisingQueries:
         return self.groups * self.group_size
 
 
-def denoising_groups(dn_queries: int, max_objects: int) -> int:
-    """Groups of ``2·max_objects`` queries: ``2·dn_queries // (2·max_objects)``, at least 1 (0 without objects)."""
+def denoising_groups(dn_queries: int, max_objects: int, rule: str = "per_object") -> int:
+    """Groups of ``2·max_objects`` queries (0 without objects): ``dn_queries // max_objects``, at
+    least 1; with ``rule`` "dino", ``2·dn_queries`` for budgets below 50, as IDEA-Research/DINO counts."""
     if max_objects == 0 or dn_queries <= 0:
         return 0
+    if rule == "dino" and dn_queries < 50:  # its doubled dn_number below 100 is not divided
+        return 2 * dn_queries
     return max(1, dn_queries // max_objects)
 
 
-def noised_queries(targets: list[dict], dn_queries: int, num_classes: int, label_noise: float = 0.5,
-                   box_noise: float = 1.0, generator: torch.Generator | None = None) -> DenoisingQueries | None:
+def noised_queries(targets: list[dict], dn_queries: int, label_book: int, label_noise: float = 0.5,
+                   box_noise: float = 1.0, generator: torch.Generator | None = None,
+                   group_rule: str = "per_object") -> DenoisingQueries | None:
     """Noise the targets (per image {"labels": [n], "boxes": [n, 4] cxcywh}) into denoising queries.
+
+    Noised labels are drawn from ``[0, label_book)`` (the classes, plus ids that are no class when
+    ``label_book`` is larger than the number of classes).
 
     Returns None when the batch has no object. ``generator`` (on the targets' device) makes the
     noise reproducible; None uses torch's global generator (seeded by the run's seed).
     """
     counts = [len(t["labels"]) for t in targets]
     max_objects = max(counts, default=0)
-    groups = denoising_groups(dn_queries, max_objects)
+    groups = denoising_groups(dn_queries, max_objects, group_rule)
     if groups == 0:
         return None
     device = targets[0]["boxes"].device
@@ -92,7 +106,7 @@ def noised_queries(targets: list[dict], dn_queries: int, num_classes: int, label
 
     if label_noise > 0:
         flip = torch.rand(labels.shape, generator=generator, device=device) < label_noise * 0.5
-        random_labels = torch.randint(0, num_classes, labels.shape, generator=generator, device=device)
+        random_labels = torch.randint(0, label_book, labels.shape, generator=generator, device=device)
         labels = torch.where(flip & present, random_labels, labels)
     if box_noise > 0:
         corners = box_convert(boxes, "cxcywh", "xyxy")

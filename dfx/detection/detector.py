@@ -103,6 +103,8 @@ class DetectorConfig:
     proposal_size: float = 0.05  # two-stage proposal side on the finest level (doubles per level)
     # DINO (dfx.detection.denoising): contrastive denoising queries in training; dn_queries 0: off
     dn_queries: int = 0  # DINO's dn_number: groups = dn_queries // (most objects of an image), at least 1
+    dn_groups: Literal["per_object", "dino"] = "per_object"  # dino: 2 x dn_queries groups when dn_queries < 50
+    dn_label_book: int = 0  # ids noise labels are drawn from; 0: num_classes (official DINO on COCO: 91 ids)
     label_noise: float = 0.5  # a denoising query's label is flipped with probability label_noise / 2
     box_noise: float = 1.0  # box corner jitter, in half widths/heights (negatives: 1x-2x that)
     position_temperature: float = 10000.0  # sine encoding of pixel positions (DINO: 20)
@@ -164,6 +166,9 @@ class DetectorConfig:
             raise ValueError(f"box_noise must be >= 0, got {self.box_noise}")
         if self.position_temperature <= 0:
             raise ValueError(f"position_temperature must be > 0, got {self.position_temperature}")
+        if self.dn_label_book and self.dn_label_book < self.num_classes:
+            raise ValueError(f"dn_label_book ({self.dn_label_book}) must be 0 or at least num_classes "
+                             f"({self.num_classes}): it counts the ids noise labels are drawn from")
         if self.dn_queries and not self.two_stage:
             raise ValueError("dn_queries: denoising queries are boxes, like two-stage queries: set two_stage: true")
 
@@ -229,7 +234,8 @@ class DeformableDETR(nn.Module):
             self.query_embed = nn.Embedding(total, 2 * c)  # positional and content halves
             self.reference_points = nn.Linear(c, 2)
         if config.dn_queries:
-            self.dn_label_embed = nn.Embedding(config.num_classes, c)  # content of the denoising queries
+            # content of the denoising queries: a row per class, then per label-book id that is no class
+            self.dn_label_embed = nn.Embedding(config.dn_label_book or config.num_classes, c)
         self._init_transformer()
         if not config.two_stage:
             # boxes predicted around a point reference start at w = h ~ 0.12 (two-stage ones start
@@ -381,8 +387,9 @@ class DeformableDETR(nn.Module):
     def _add_denoising(self, targets, content: Tensor, query_pos: Tensor, reference: Tensor):
         """DINO: noised targets as queries placed before the matching ones -> (DenoisingQueries or None
         when the batch has no object, content, query_pos, reference)."""
-        dn = noised_queries(targets, self.config.dn_queries, self.config.num_classes, self.config.label_noise,
-                            self.config.box_noise)
+        book = self.config.dn_label_book or self.config.num_classes
+        dn = noised_queries(targets, self.config.dn_queries, book, self.config.label_noise, self.config.box_noise,
+                            group_rule=self.config.dn_groups)
         if dn is None:  # no object in the batch; touch the embedding so DDP sees every parameter used
             return None, content + 0.0 * self.dn_label_embed.weight[0, 0], query_pos, reference
         dn_content = self.dn_label_embed(dn.labels) * dn.present[..., None]  # padding slots: zero content

@@ -131,6 +131,21 @@ def _detrex_rows(weight: Tensor, classes: int, key: str) -> Tensor:
     return weight
 
 
+def _label_book_rows(class_rows: Tensor, weight: Tensor, config: DetectorConfig,
+                     category_ids: Sequence[int] | None, key: str) -> Tensor:
+    """The denoising label embedding: the classes' rows, then (``model.dn_label_book`` larger than the
+    classes) the rows of the label-book ids that are no class, in id order."""
+    book = config.dn_label_book
+    if book <= config.num_classes:
+        return class_rows
+    if book > weight.shape[0]:
+        raise UsageError(f"model.dn_label_book={book} but {key} has {weight.shape[0]} rows: set "
+                         f"model.dn_label_book to at most {weight.shape[0]}")
+    classes = set(category_ids) if category_ids is not None else set(range(config.num_classes))
+    others = [i for i in range(book) if i not in classes]
+    return torch.cat((class_rows, weight[torch.as_tensor(others, dtype=torch.long)]))
+
+
 def to_dfx(state: Mapping[str, Tensor], config: DetectorConfig, category_ids: Sequence[int] | None = None,
            kind: str = "dino") -> dict[str, Tensor]:
     """A released DINO state dict (``kind`` "dino" or "detrex") -> dfx's layout for ``config``."""
@@ -166,7 +181,7 @@ def to_dfx(state: Mapping[str, Tensor], config: DetectorConfig, category_ids: Se
         elif key.startswith("transformer.enc_out_class_embed."):
             out["enc_class_head." + key.rsplit(".", 1)[1]] = rows(value, key)
         elif key == "label_enc.weight":
-            out["dn_label_embed.weight"] = rows(value, key)
+            out["dn_label_embed.weight"] = _label_book_rows(rows(value, key), value, config, category_ids, key)
         else:
             name = (_detectron2_backbone(key) or _neck(key, first_extra)) if kind == "detrex" else None
             out[name or official._rename(key, rules) or key] = value
