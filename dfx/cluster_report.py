@@ -202,8 +202,9 @@ def _load(spec: str, data: str | None, device: torch.device):
     path = Path(spec)
     if path.is_dir() or path.suffix == ".safetensors":
         recipe, task, model, _ = build(path, [f"data.root={data}"] if data else [], read_data=True)
-        model = model.to(device)
-        return model, f"{recipe.model.name} ({path})", task, recipe, task.dataset("val")
+        model = model.to(device).eval()
+        name = getattr(recipe.model, "name", None) or getattr(recipe.model, "backbone", "model")
+        return model, f"{name} ({path})", task, recipe, task.dataset("val")
     from dfx.data.segmentation import SegmentationFolder, SegmentationTransform
     from dfx.tasks.classification import data_root
 
