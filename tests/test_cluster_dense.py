@@ -271,3 +271,40 @@ def test_cluster_report_on_a_detection_run_with_a_swin_backbone(tmp_path):
     # stage 3 of a 96 px image: a 6x6 map, padded to 2x2 windows of 4x4, each clustered to 3x3
     assert report["grid"] == [6, 6] and report["clustered_grid"] == [6, 6]
     assert report["assignment"]["sharpness"] == pytest.approx(2.0)
+
+
+def test_clusters_option_and_the_run_argument():
+    from typer.testing import CliRunner
+
+    from dfx.cli import app
+    from dfx.cluster_report import parse_clusters
+    from dfx.errors import UsageError
+
+    assert parse_clusters("16x16") == (16, 16) and parse_clusters("12X9") == (12, 9) and parse_clusters("8") == (8, 8)
+    assert parse_clusters(None) is None
+    for bad in ("0x4", "axb", "4x4x4", "-2x3"):
+        with pytest.raises(UsageError, match="--clusters: expected HxW"):
+            parse_clusters(bad)
+    result = CliRunner().invoke(app, ["cluster", "runs/a", "--model", "runs/b", "--json"])
+    assert result.exit_code == 2 and "give the model once" in result.stdout
+    result = CliRunner().invoke(app, ["cluster", "--json"])
+    assert result.exit_code == 2 and "give the model once" in result.stdout
+    result = CliRunner().invoke(app, ["cluster", "runs/a", "--clusters", "big", "--json"])
+    assert result.exit_code == 2 and "'big'" in result.stdout
+
+
+def test_a_fixed_clusters_grid_on_a_vit():
+    """--clusters fixes h x w whatever the patch grid; larger than the grid is refused by name."""
+    from dfx.cluster import hourglass
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=48, depth=4, num_heads=3,
+                            dynamic_img_size=True).double().eval()
+    fast = hourglass(vit, clusters=(5, 7), window=5)
+    assert fast.clustered_grid((8, 8)) == (5, 7) and fast.clustered_grid((12, 16)) == (5, 7)
+    with torch.no_grad():
+        assert fast.forward_features(images(1, 64, 64)).shape == (1, 65, 48)
+    with pytest.raises(ValueError, match="clusters=5x7 is larger than the 4x8 patch grid"):
+        fast.clustered_grid((4, 8))
+    with pytest.raises(ValueError, match="clusters must be a pair"):
+        hourglass(vit, clusters=(0, 3))
