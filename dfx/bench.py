@@ -89,7 +89,13 @@ def bench_clustered(model: torch.nn.Module, images: torch.Tensor, cluster_ratio:
     size = images.shape[-1]
     clustered = wrap_model(model, cluster_ratio, alpha, image_size=size)
     vit = vit_of(clustered)
-    grid = tuple(vit.patch_embed.dynamic_feat_size((size, size)))
+    from dfx.cluster.swin import is_swin
+
+    if is_swin(vit):  # the clustered stage's map size
+        with torch.no_grad():
+            grid = tuple(vit.stage_input(images[:1]).shape[1:3])
+    else:
+        grid = tuple(vit.patch_embed.dynamic_feat_size((size, size)))
     models = {"baseline": model, "clustered": clustered}
     result: dict = {}
     try:

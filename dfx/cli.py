@@ -521,9 +521,15 @@ def _side_by_side(title: str, result: dict, keys) -> Table:
 
 @app.command()
 def cluster(
-    model: str = typer.Option(..., "--model", metavar="NAME|RUN_DIR",
-                              help="A dfx run directory or checkpoint (trained), or a timm ViT name (random weights)."),
+    run_dir: Optional[str] = typer.Argument(None, metavar="[RUN]", help="A dfx run directory or checkpoint "
+                                            "(segmentation, depth or detection run), the same as --model."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="NAME|RUN_DIR",
+                                        help="A dfx run directory or checkpoint (trained), or a timm ViT or Swin name "
+                                             "(random weights)."),
     cluster_ratio: float = typer.Option(0.5, "--cluster-ratio", metavar="R", help=CLUSTER_RATIO_HELP),
+    clusters: Optional[str] = typer.Option(None, "--clusters", metavar="HxW",
+                                           help="A fixed grid of centres in place of --cluster-ratio (a Swin: SxS per "
+                                                "window)."),
     alpha: Optional[int] = typer.Option(None, "--alpha", metavar="L", help=ALPHA_HELP),
     data: Optional[str] = typer.Option(None, "--data", help="Data root or embedded dataset (default: the run's "
                                                             "validation data; shapes-seg for a timm name)."),
@@ -550,14 +556,18 @@ def cluster(
       dfx cluster --model runs/segmentation/segmenter-shapes --cluster-ratio 0.5
 
       dfx cluster --model vit_base_patch16_384 --cluster-ratio 0.25 --json
+
+      dfx cluster runs/depth/dpt-shapes-expedit --alpha 2 --clusters 8x8
     """
 
     def work() -> dict:
-        from dfx.cluster_report import cluster_report
+        from dfx.cluster_report import cluster_report, parse_clusters
 
-        return cluster_report(model, cluster_ratio=cluster_ratio, alpha=alpha, data=data, images=images, batch=batch,
-                              warmup=warmup, repeats=repeats, device=device, iters=iters,
-                              temperature=_temperature(temperature),
+        if (run_dir is None) == (model is None):
+            raise UsageError("dfx cluster: give the model once, as RUN or as --model NAME|RUN_DIR")
+        return cluster_report(run_dir or model, cluster_ratio=cluster_ratio, alpha=alpha, data=data, images=images,
+                              batch=batch, warmup=warmup, repeats=repeats, device=device, iters=iters,
+                              temperature=_temperature(temperature), clusters=parse_clusters(clusters),
                               window=window, k=k, metric=not no_metric, progress=not (quiet or json_out))
 
     def show(result: dict) -> None:
@@ -565,8 +575,12 @@ def cluster(
         title = (f"{result['model']} @ {result['image_size']}px: {result['grid'][0]}x{result['grid'][1]} -> "
                  f"{result['clustered_grid'][0]}x{result['clustered_grid'][1]} tokens after block "
                  f"{settings['alpha']} of {settings['depth']}")
-        keys = ["latency_ms", "gflops"] + ([result["metric"]] if "metric" in result else [])
-        out.print(_side_by_side(title, result, keys))
+        metrics = list(result.get("metric_drops", {}))
+        out.print(_side_by_side(title, result, ["latency_ms", "gflops", *metrics]))
+        out.print(_side_by_side("backbone alone", {side: result[side]["backbone"] for side in ("baseline", "clustered")},
+                                ["latency_ms", "gflops"]))
+        out.print(f"backbone speedup {result['backbone_speedup']:.3f}x (FLOPs ratio "
+                  f"{result['backbone_flops_ratio']:.3f}x)", highlight=False)
         fidelity = result["fidelity"]
         out.print(f"speedup {result['speedup']:.3f}x (FLOPs ratio {result['flops_ratio']:.3f}x); feature cosine "
                   f"similarity mean {fidelity['cosine_mean']:.4f}, min {fidelity['cosine_min']:.4f} over "
@@ -574,8 +588,8 @@ def cluster(
         assignment = result["assignment"]
         out.print(f"assignment sharpness {assignment['sharpness']:.3g} (temperature {settings['temperature']} x squared "
                   f"token-centre distance {assignment['distance']:.3g}; well below 1: blurred)", highlight=False)
-        if "metric" in result:
-            out.print(f"{result['metric']} drop: {result['metric_drop']:.2f} points", highlight=False)
+        for name, drop in result.get("metric_drops", {}).items():
+            out.print(f"{name} drop: {drop:.2f} points (x100, positive = worse)", highlight=False)
 
     run(work, json_out=json_out, debug=debug, quiet=quiet, show=show)
 

@@ -12,11 +12,14 @@ Plain functions of models and tensors; ``dfx cluster``'s report (dfx.cluster_rep
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfx.cluster.tokens import token_clustering, token_reconstruction
+from dfx.cluster.swin import hourglass_swin, is_swin
 from dfx.cluster.wrapper import hourglass
 from dfx.measure import median_seconds
 
@@ -31,31 +34,63 @@ AUTO_SHARPNESS = 2.0
 
 
 def vit_of(model: nn.Module) -> nn.Module:
-    """The ViT whose tokens are clustered: a segmenter's ``backbone`` (a model with a ViT
-    ``backbone`` and a ``head``), else the model itself."""
+    """The transformer whose tokens are clustered: the ``backbone`` of a dense model built around a ViT
+    (a Segmenter, a DPT: a ``backbone`` with ``blocks``), the Swin ``backbone.body`` of a detector,
+    else the model itself."""
     backbone = getattr(model, "backbone", None)
-    return backbone if backbone is not None and hasattr(backbone, "blocks") and hasattr(model, "head") else model
+    if isinstance(backbone, nn.Module) and hasattr(backbone, "blocks"):
+        return backbone
+    body = getattr(backbone, "body", None)
+    if isinstance(body, nn.Module) and is_swin(body):
+        return body
+    return model
+
+
+def with_backbone(model: nn.Module, backbone: nn.Module) -> nn.Module:
+    """A shallow copy of ``model`` whose ``backbone`` is ``backbone``: every other submodule, parameter
+    and buffer is ``model``'s own (shared, not copied), and ``model`` is left as it was."""
+    copied = copy.copy(model)
+    copied._modules = dict(model._modules)  # own module table: replacing the backbone leaves model alone
+    copied.backbone = backbone
+    return copied
 
 
 def clustered_copy(model: nn.Module, cluster_ratio: float, alpha: int | None = None, image_size: int | None = None,
                    **settings) -> nn.Module:
     """``model`` with its ViT run through `hourglass` (weights shared, ``model`` unchanged).
 
-    A segmenter comes back as the same class around the clustered backbone and the same head.
+    A dense model (Segmenter, DPT) comes back as a shallow copy around the clustered backbone, so its
+    head reads the backbone's outputs as before: a Segmenter the reconstructed final tokens, a DPT
+    every tapped block, each reconstructed to full resolution when it lies after alpha (the wrapper's
+    ``forward_intermediates``; Expedit-DPT reconstructs in the hooks of the tapped blocks).
     ``image_size`` checks, for dynamic-size models, that the clustered grid fits the window there.
     Raises ValueError (ratio, alpha beyond the depth, a model that is no ViT, a window larger than
     the clustered grid).
     """
     vit = vit_of(model)
-    clustered_vit = hourglass(vit, cluster_ratio=cluster_ratio, alpha=alpha, **settings)
-    if image_size is not None:  # dynamic-size models check their grid only at a forward pass
-        clustered_vit.clustered_grid(tuple(clustered_vit.patch_embed.dynamic_feat_size((image_size, image_size))))
-    return clustered_vit if vit is model else type(model)(clustered_vit, model.head)
+    if is_swin(vit):
+        clustered_vit = hourglass_swin(vit, cluster_ratio=cluster_ratio, alpha=alpha, **settings)
+    else:
+        clustered_vit = hourglass(vit, cluster_ratio=cluster_ratio, alpha=alpha, **settings)
+        if image_size is not None:  # dynamic-size models check their grid only at a forward pass
+            clustered_vit.clustered_grid(tuple(clustered_vit.patch_embed.dynamic_feat_size((image_size, image_size))))
+    if vit is model:
+        return clustered_vit
+    if model.backbone is vit:
+        return with_backbone(model, clustered_vit)
+    backbone = copy.copy(model.backbone)  # a detector: its Backbone around a clustered body
+    backbone._modules = dict(model.backbone._modules)
+    backbone.body = clustered_vit
+    return with_backbone(model, backbone)
 
 
 def dense_features(model: nn.Module, images: Tensor) -> Tensor:
-    """Final normed patch tokens [B, H*W, C] of the model's ViT (prefix tokens dropped)."""
+    """Final normed patch tokens [B, H*W, C] of the model's ViT (prefix tokens dropped); for a Swin,
+    its deepest feature map (a features_only net's last output, else forward_features) as [B, H*W, C]."""
     vit = vit_of(model)
+    if is_swin(vit):
+        out = vit(images)[-1] if hasattr(vit, "return_layers") else vit.forward_features(images)
+        return out.flatten(1, 2)  # NHWC -> [B, H*W, C]
     return vit.forward_features(images)[:, vit.num_prefix_tokens:]
 
 
@@ -104,6 +139,15 @@ def assignment_sharpness(clustered: nn.Module, images: Tensor, batch: int = 8) -
     vit = vit_of(clustered)
     config = vit.hourglass_config
     distances = []
+    if is_swin(vit):  # every window against its own initial s x s centres
+        side = vit.clustered_side()
+        for start in range(0, len(images), batch):
+            windows, _ = vit.windows_at_alpha(vit.stage_input(images[start : start + batch]))
+            before = windows.flatten(2).transpose(1, 2).double()  # [B*nW, ws², C]
+            centres = F.adaptive_avg_pool2d(windows.double(), (side, side)).flatten(2).transpose(1, 2)
+            distances.append(torch.cdist(before, centres).square().amin(-1).flatten())
+        median = float(torch.cat(distances).median())
+        return {"distance": median, "sharpness": config.temperature * median}
     for start in range(0, len(images), batch):
         tokens, grid = vit._embed_tokens(images[start : start + batch])
         for block in vit.blocks[: config.alpha]:
@@ -126,6 +170,8 @@ def clustering_overhead(clustered: nn.Module, images: Tensor, repeats: int = 3) 
     -> {"clustering_s", "reconstruction_s"}
     """
     vit = vit_of(clustered)
+    if is_swin(vit):
+        return _swin_overhead(vit, images, repeats)
     config, prefix = vit.hourglass_config, vit.num_prefix_tokens
     grid = tuple(vit.patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
     after_alpha, after_last = _block_outputs(clustered, images)
@@ -146,8 +192,40 @@ def clustering_overhead(clustered: nn.Module, images: Tensor, repeats: int = 3) 
             "reconstruction_s": median_seconds(reconstruct, images.device, repeats)}
 
 
+@torch.no_grad()
+def _swin_overhead(swin: nn.Module, images: Tensor, repeats: int) -> dict:
+    """`clustering_overhead` of a clustered Swin: the per-window clustering of the stage holding alpha,
+    and the per-window reconstruction (timed on the centres in place of the refined tokens: same shapes,
+    same work)."""
+    config, side = swin.hourglass_config, swin.clustered_side()
+    windows, _ = swin.windows_at_alpha(swin.stage_input(images))
+
+    def cluster() -> Tensor:
+        return token_clustering(windows, (side, side), config.iters, config.temperature, config.window)
+
+    centres = cluster()
+    before = windows.flatten(2).transpose(1, 2)
+
+    def reconstruct() -> Tensor:
+        return token_reconstruction(centres, before, centres, config.k, config.temperature)
+
+    return {"clustering_s": median_seconds(cluster, images.device, repeats),
+            "reconstruction_s": median_seconds(reconstruct, images.device, repeats)}
+
+
+def model_depth(vit: nn.Module) -> int:
+    """Blocks of a ViT, or of all stages of a Swin."""
+    if is_swin(vit):
+        from dfx.cluster.swin import _stages
+
+        return sum(len(stage.blocks) for stage in _stages(vit))
+    return len(vit.blocks)
+
+
 def clustering_settings(clustered: nn.Module) -> dict:
     """The settings of a wrapped model and its grids, as plain data for reports."""
     config = vit_of(clustered).hourglass_config
-    return {"cluster_ratio": config.cluster_ratio, "alpha": config.alpha, "depth": len(vit_of(clustered).blocks),
-            "iters": config.iters, "temperature": config.temperature, "window": config.window, "k": config.k}
+    return {"cluster_ratio": config.cluster_ratio, "alpha": config.alpha, "depth": model_depth(vit_of(clustered)),
+            "iters": config.iters, "temperature": config.temperature, "window": config.window, "k": config.k,
+            **({"clusters": config.clusters if isinstance(config.clusters, int) else list(config.clusters)}
+               if config.clusters is not None else {})}

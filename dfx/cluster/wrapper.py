@@ -72,6 +72,7 @@ class HourglassConfig:
     temperature: float
     window: int
     k: int
+    clusters: tuple[int, int] | None = None  # a fixed h×w grid of centres, in place of cluster_ratio
 
 
 def hourglass(
@@ -82,12 +83,14 @@ def hourglass(
     temperature: float = 0.02,
     window: int = 5,
     k: int = 20,
+    clusters: tuple[int, int] | None = None,
 ) -> nn.Module:
     """Return `model` (a timm VisionTransformer) with blocks alpha+1 … depth run on clustered tokens.
 
     cluster_ratio: share of the H·W patch tokens kept, in (0, 1]; alpha: blocks run at full
     resolution, in [1, depth] (None: max(1, round(0.4 · depth))); iters, temperature, window: passed to
-    `token_clustering`; k, temperature: passed to `token_reconstruction`. The result shares `model`'s
+    `token_clustering`; k, temperature: passed to `token_reconstruction`; clusters: a fixed (h, w) grid of
+    centres whatever the input size (Expedit-DPT's "16x16 clusters"), in place of cluster_ratio. The result shares `model`'s
     weights; `model` itself is not changed. Wrapping a wrapped model replaces its settings.
     """
     base_class = _vit_class(model)
@@ -99,6 +102,7 @@ def hourglass(
         temperature=_checked_temperature(temperature),
         window=_check_window(window),
         k=_check_int("k", k, minimum=1),
+        clusters=check_clusters(clusters),
     )
     wrapped = _new_hourglass(base_class)
     # Own containers (parameter, module, hook dicts, ...) holding the same objects: registering a hook or
@@ -137,12 +141,22 @@ class HourglassViT:
     def clustered_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         """(h, w) for the patch grid (H, W); ValueError if the window does not fit it."""
         config = self.hourglass_config
-        h, w = cluster_grid(grid, config.cluster_ratio)
+        if config.clusters is not None:
+            h, w = config.clusters
+            if h > grid[0] or w > grid[1]:
+                raise ValueError(
+                    f"clusters={h}x{w} is larger than the {grid[0]}x{grid[1]} patch grid: give at most "
+                    f"{grid[0]}x{grid[1]} clusters, or a larger image size"
+                )
+            source = f"clusters={h}x{w} for"
+        else:
+            h, w = cluster_grid(grid, config.cluster_ratio)
+            source = f"cluster_ratio={config.cluster_ratio} of"
         if config.window > min(h, w):
             raise ValueError(
-                f"window={config.window} does not fit the {h}x{w} clustered token grid (cluster_ratio="
-                f"{config.cluster_ratio} of the {grid[0]}x{grid[1]} patch grid): window must be an odd integer "
-                f"in [1, {min(h, w)}]; lower window, or raise cluster_ratio or the image size"
+                f"window={config.window} does not fit the {h}x{w} clustered token grid ({source} the "
+                f"{grid[0]}x{grid[1]} patch grid): window must be an odd integer in [1, {min(h, w)}]; lower window, "
+                f"or raise cluster_ratio (clusters) or the image size"
             )
         return h, w
 
@@ -273,6 +287,19 @@ def _vit_class(model) -> type[VisionTransformer]:
 def _check_no_mask(attn_mask, is_causal) -> None:
     if attn_mask is not None or is_causal:
         raise ValueError("attn_mask and is_causal are not supported with token clustering: the token count changes")
+
+
+def check_clusters(clusters) -> tuple[int, int] | None:
+    """None, or (h, w) as two positive integers; ValueError otherwise."""
+    if clusters is None:
+        return None
+    try:
+        h, w = clusters
+    except (TypeError, ValueError):
+        raise ValueError(f"clusters must be a pair (h, w) of positive integers, got {clusters!r}") from None
+    if not (_is_int(h) and _is_int(w) and h >= 1 and w >= 1):
+        raise ValueError(f"clusters must be a pair (h, w) of positive integers, got {clusters!r}")
+    return int(h), int(w)
 
 
 def _check_cluster_ratio(cluster_ratio) -> float:
