@@ -11,8 +11,9 @@ lacks:
   ``0.15 + 0.85 * max(0, n . l)`` as grey (the geometry and the lighting, no colour or texture);
 - ``edge_texture``: the Sobel magnitude of the albedo's luminance (where the wall texture and the
   objects' outlines change, no shading);
-- ``rgb`` (the target): albedo times shading, where the albedo is the wall texture or the object's
-  colour, one hue per shape kind (so the colour follows from the outline the shading shows).
+- ``rgb`` (the target): albedo times shading, where the albedo is the wall's (light, with dark lines:
+  stripes or a grid at a random angle and spacing) or the object's colour, one hue per shape kind
+  (so the colour follows from the outline the shading shows, and the lines from the edges).
 
 Layout: ``rgb/``, ``reshading/``, ``edge_texture/``, ``depth_zbuffer/`` (``<id>.png``), ``train.txt``,
 ``val.txt``. Drawn at 2x and downsampled (Lanczos); ids ``train-00000``, ``val-00000``, ...; train
@@ -27,12 +28,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dfx.data.shapes import SHAPES, place_apart, shape_polygon, textured_background
+from dfx.data.shapes import SHAPES, place_apart, shape_polygon
 
 SHAPES_TRANSLATION_VERSION = 1
 TRANSLATION_MODALITIES = ("rgb", "reshading", "edge_texture", "depth_zbuffer")
 LIGHT = np.array([-0.45, -0.55, 0.70])  # towards the light, (x right, y down, z towards the camera)
-EDGE_GAIN = 1.5  # Sobel magnitude (a 0-255 luminance, kernel sum 4) to 8-bit
+EDGE_GAIN = 0.5  # Sobel magnitude (a 0-255 luminance, kernel sum 4) to 8-bit: the wall lines near 255
 
 
 def shading_of(height: np.ndarray, light: np.ndarray = LIGHT, ambient: float = 0.15) -> np.ndarray:
@@ -58,11 +59,27 @@ def shape_colour(kind: int) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(kind / len(SHAPES), 0.75, 0.95), dtype=np.float64) * 255
 
 
+WALL, LINES = (205.0, 195.0, 175.0), (80.0, 70.0, 60.0)  # a light wall with dark lines
+
+
+def wall_albedo(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """[H, W, 3]: a light wall (WALL) with dark lines (LINES), stripes or a grid at a random angle and
+    spacing, plus mild noise. The lines are where edge_texture shows them; shading does not."""
+    angle, period, width = rng.uniform(0, np.pi), rng.uniform(12, 26), rng.uniform(2.5, 4.5)
+    u = xx * np.cos(angle) + yy * np.sin(angle) + rng.uniform(0, period)
+    line = (u % period) < width
+    if rng.random() < 0.5:  # a grid: lines across too
+        v = -xx * np.sin(angle) + yy * np.cos(angle) + rng.uniform(0, period)
+        line |= (v % period) < width
+    albedo = np.where(line[..., None], np.array(LINES), np.array(WALL))
+    return albedo + rng.normal(0, 3, albedo.shape)
+
+
 def translation_scene(rng: np.random.Generator, big: int, radius: tuple[float, float] = (0.16, 0.28),
                       max_objects: int = 3) -> dict:
     """One scene at ``big`` x ``big``: ``height`` [H, W] (pixels), ``albedo`` [H, W, 3] (0-255)."""
-    albedo = textured_background(rng, big, big, brightness=(90, 230)).astype(np.float64)
     yy, xx = np.mgrid[0:big, 0:big].astype(np.float64)
+    albedo = wall_albedo(rng, xx, yy)
     height = rng.uniform(-0.15, 0.15) * xx + rng.uniform(-0.15, 0.15) * yy  # a gently tilted wall
     placed: list[tuple[float, float, float]] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
