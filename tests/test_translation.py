@@ -15,7 +15,7 @@ from dfx.data.shapes_translation import generate_shapes_translation, shading_of,
 from dfx.data.translation import TranslationFolder, TranslationTransform
 from dfx.data.translation_eval import (TranslationMetrics, frechet_distance, gaussian_window,
                                        kernel_inception_distance, psnr, ssim)
-from dfx.errors import UsageError
+from dfx.errors import RunError, UsageError
 from dfx.fusion.mit import MultiModalMiT
 from dfx.fusion.strategies import FUSIONS
 from dfx.fusion.translation import TranslationGenerator
@@ -278,3 +278,39 @@ def test_one_epoch_fuse_run_reports_the_translation_metrics(tiny_set, tmp_path):
     check = json.loads(exported.stdout)
     assert check["outputs"] == ["image"] and check["check"]["passed"]
     assert list(check["inputs"]) == ["reshading", "edge_texture"]
+
+
+def test_fid_and_kid_of_the_ensemble_against_the_targets(tiny_set):
+    from dfx.tasks.translation import Task, TranslationEvaluator
+
+    torch.manual_seed(0)
+    task = Task(tiny_translation_recipe(tiny_set, gan=False))
+    model = task.build_model().eval()
+    features = lambda images: images.double().mean((2, 3))  # noqa: E731  (per-channel means: 3-d features)
+    data = task.dataset("val")
+    batches = [torch.utils.data.default_collate([data[i] for i in range(j, j + 2)]) for j in (0, 2)]
+    evaluators = [TranslationEvaluator(["reshading", "edge_texture"], features=features, kid_subset_size=4)
+                  for _ in batches]
+    for evaluator, batch in zip(evaluators, batches):  # two ranks, one batch each
+        evaluator.update(model, batch)
+    metrics = TranslationEvaluator.summarize([e.state() for e in evaluators])
+    with torch.no_grad():
+        fake = torch.cat([features(model(inputs)) for inputs, _ in batches]).numpy()
+    real = torch.cat([features(target) for _, target in batches]).numpy()
+    assert metrics["FID"] == pytest.approx(frechet_distance(fake, real), rel=1e-9)
+    assert metrics["KID_x100"] == pytest.approx(100 * kernel_inception_distance(fake, real, subset_size=4), rel=1e-9)
+    assert metrics["FID"] > 0
+
+
+def test_fid_without_inception_weights_fails_before_training(tiny_set, tmp_path, monkeypatch):
+    import time
+
+    from dfx.tasks.translation import Task
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    recipe = build_recipe({**tiny_translation_recipe(tiny_set, gan=False).to_dict(), "eval": {"fid": True}})
+    start = time.perf_counter()
+    with pytest.raises(RunError, match=r"eval.fid needs Inception-v3 weights .*HF_HUB_OFFLINE is set; fixes: "):
+        Task(recipe).build_model()
+    assert time.perf_counter() - start < 10

@@ -15,7 +15,7 @@ generator step; dfx's loop takes one step, so the two objectives are kept apart 
 discriminator's loss sees detached generated images, and the generator's adversarial term runs
 the discriminator with detached parameters.
 Evaluation (dfx.data.translation_eval): L1, PSNR, SSIM of the ensemble image, ``L1/<stream>`` per
-stream, and the mean L1 loss. FID / KID need Inception features: see docs/fuse.md.
+stream, and the mean L1 loss; with ``eval.fid`` also FID and KID x 100 on Inception-v3 features.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,8 +32,8 @@ from torch.func import functional_call
 from dfx import hub
 from dfx.data.depth import DepthDataSection
 from dfx.data.translation import TranslationFolder, TranslationTransform
-from dfx.data.translation_eval import TranslationMetrics
-from dfx.errors import UsageError
+from dfx.data.translation_eval import TranslationMetrics, frechet_distance, kernel_inception_distance
+from dfx.errors import RunError, UsageError
 from dfx.fusion.mit import MIT_SHARED, MIT_VARIANTS, MultiModalMiT, load_mit_weights
 from dfx.fusion.translation import PatchDiscriminator, TranslationGenerator, Translator
 from dfx.recipe import NON_NEGATIVE, POSITIVE, Range
@@ -129,9 +130,18 @@ class DataConfig(DepthDataSection):
 
 @dataclass
 class EvalConfig(BaseEvalConfig):
+    """``fid``: also score FID and KID x 100 (``KID_x100``) of the ensemble's images against the targets
+    on Inception-v3 pool features (``inception``: a weight spec for dfx.hub, default timm's port of the
+    TensorFlow Inception-v3; the papers used pytorch-fid's, so values are close, not identical)."""
+
+    RANGES: ClassVar[dict[str, Range]] = {**BaseEvalConfig.RANGES, "kid_subset_size": Range(2)}
+
     batch_size: int = 32
     metric: str = "L1"
     mode: Literal["max", "min"] = "min"
+    fid: bool = False
+    inception: str = "inception_v3.tf_in1k"
+    kid_subset_size: int = 1000
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -176,6 +186,7 @@ class Task:
         self.recipe = recipe
         self.classes = None
         self.weights_report: dict | None = None
+        self._inception = None
 
     def dataset(self, split: str) -> TranslationFolder:
         data = self.recipe.data
@@ -186,6 +197,12 @@ class Task:
                                  transform=transform, depth=data.depth)
 
     def build_model(self) -> Translator:
+        if self.recipe.eval.fid:  # fail before training, not at the first evaluation
+            try:
+                hub.resolve(self.recipe.eval.inception)
+            except (UsageError, RunError) as e:
+                raise type(e)(f"eval.fid needs Inception-v3 weights (eval.inception={self.recipe.eval.inception!r}), "
+                              f"or set eval.fid=false: {e}") from None
         model = build_translator(self.recipe)
         m = self.recipe.model
         if m.pretrained and not m.weights:
@@ -231,17 +248,44 @@ class Task:
         return loss, logs
 
     def evaluator(self) -> "TranslationEvaluator":
-        return TranslationEvaluator(stream_names(list(self.recipe.data.modalities), self.recipe.model.fusion))
+        e = self.recipe.eval
+        if e.fid and self._inception is None:
+            self._inception = inception_extractor(e.inception)
+        return TranslationEvaluator(stream_names(list(self.recipe.data.modalities), self.recipe.model.fusion),
+                                    features=self._inception if e.fid else None, kid_subset_size=e.kid_subset_size)
+
+
+def inception_extractor(spec: str):
+    """Inception-v3 pool features: ``images [B, 3, H, W]`` in [-1, 1] -> ``[B, 2048]`` (resized to 299,
+    normalised as the weights expect). ``spec``: a weight spec for dfx.hub (offline: fails within
+    seconds naming the repository and the fixes)."""
+    network = hub.create_timm_model("inception_v3", pretrained=spec, num_classes=0).eval()
+    config = network.pretrained_cfg
+    mean = torch.tensor(config.get("mean", (0.5, 0.5, 0.5))).view(1, 3, 1, 1)
+    std = torch.tensor(config.get("std", (0.5, 0.5, 0.5))).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def features(images: Tensor) -> Tensor:
+        network.to(images.device)
+        unit = ((images.float() + 1) / 2).clamp(0, 1)
+        x = F.interpolate(unit, size=(299, 299), mode="bilinear", align_corners=False)
+        return network((x - mean.to(x.device)) / std.to(x.device)).double().cpu()
+
+    return features
 
 
 class TranslationEvaluator:
     """L1, PSNR and SSIM of the ensemble image; ``L1/<stream>`` per stream when there are two; ``loss``:
-    the mean L1 of the ensemble per batch."""
+    the mean L1 of the ensemble. With ``features`` (images -> feature vectors), also ``FID`` and
+    ``KID_x100`` of the ensemble's images against the targets over the whole validation set."""
 
-    def __init__(self, streams: list[str]):
+    def __init__(self, streams: list[str], features=None, kid_subset_size: int = 1000):
         self.ensemble = TranslationMetrics()
         self.names = list(streams)
         self.streams = [TranslationMetrics() for _ in streams] if len(streams) > 1 else []
+        self.features, self.kid_subset_size = features, kid_subset_size
+        self.fake: list[Tensor] = []
+        self.real: list[Tensor] = []
 
     @torch.no_grad()
     def update(self, model, batch) -> None:
@@ -250,9 +294,16 @@ class TranslationEvaluator:
         self.ensemble.add(out["ensemble"].float(), target)
         for metrics, image in zip(self.streams, out["streams"]):
             metrics.add(image.float(), target)
+        if self.features is not None:
+            self.fake.append(self.features(out["ensemble"]))
+            self.real.append(self.features(target))
 
     def state(self) -> dict:
-        return {"ensemble": self.ensemble.state(), "streams": [s.state() for s in self.streams], "names": self.names}
+        state = {"ensemble": self.ensemble.state(), "streams": [s.state() for s in self.streams], "names": self.names}
+        if self.features is not None and self.fake:
+            state.update({"fake": torch.cat(self.fake).numpy(), "real": torch.cat(self.real).numpy(),
+                          "kid_subset_size": self.kid_subset_size})
+        return state
 
     @staticmethod
     def summarize(states: list[dict]) -> dict:
@@ -260,4 +311,10 @@ class TranslationEvaluator:
         metrics["loss"] = metrics["L1"]
         for i, name in enumerate(states[0]["names"] if states[0]["streams"] else []):
             metrics[f"L1/{name}"] = TranslationMetrics.summarize([s["streams"][i] for s in states])["L1"]
+        if any("fake" in s for s in states):
+            fake = np.concatenate([s["fake"] for s in states if "fake" in s])
+            real = np.concatenate([s["real"] for s in states if "real" in s])
+            subset = next(s["kid_subset_size"] for s in states if "fake" in s)
+            metrics["FID"] = frechet_distance(fake, real)
+            metrics["KID_x100"] = 100 * kernel_inception_distance(fake, real, subset_size=subset)
         return metrics
