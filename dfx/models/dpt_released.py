@@ -33,7 +33,8 @@ from torch import Tensor
 
 _RULES = (
     (re.compile(r"^pretrained\.model\."), "backbone."),
-    (re.compile(r"^pretrained\.act_postprocess(\d)\.0\.project\.0\."), lambda m: f"reassemble.{int(m[1]) - 1}.readout.project.0."),
+    (re.compile(r"^pretrained\.act_postprocess(\d)\.0\.project\.0\."),
+     lambda m: f"reassemble.{int(m[1]) - 1}.readout.project.0."),
     (re.compile(r"^pretrained\.act_postprocess(\d)\.3\."), lambda m: f"reassemble.{int(m[1]) - 1}.project."),
     (re.compile(r"^pretrained\.act_postprocess(\d)\.4\."), lambda m: f"reassemble.{int(m[1]) - 1}.resample."),
     (re.compile(r"^scratch\.layer(\d)_rn\."), lambda m: f"layer_rn.{int(m[1]) - 1}."),

@@ -9,8 +9,9 @@ Model: dfx.fusion.translation.TranslationGenerator (fusion inside the encoder's 
 per stream, a learned ensemble) and, with ``model.gan``, a conditional PatchDiscriminator.
 Loss (TokenFusion's): ``l1_weight`` (100) times the sum of the L1 to the target of each stream's
 image and of the ensemble's (whose streams are detached: it trains the ensemble weights), plus
-with ``gan`` the generator's BCE against "real" (weight ``gan_weight``, 1) and the discriminator's ``0.5 * (BCE(real, 1) + BCE(fake, 0))`` per stream, plus ``exchange_sparsity`` times
-the mean exchange score (``exchange`` only). The reference alternates a discriminator step and a
+with ``gan`` the generator's BCE against "real" (weight ``gan_weight``, 1) and the discriminator's
+``0.5 * (BCE(real, 1) + BCE(fake, 0))`` per stream, plus ``exchange_sparsity`` times the mean
+exchange score (``exchange`` only). The reference alternates a discriminator step and a
 generator step; dfx's loop takes one step, so the two objectives are kept apart by gradients: the
 discriminator's loss sees detached generated images, and the generator's adversarial term runs
 the discriminator with detached parameters.
@@ -57,7 +58,8 @@ class ModelConfig(WeightsConfig):
     """
 
     RANGES: ClassVar[dict[str, Range]] = {"l1_weight": POSITIVE, "gan_weight": NON_NEGATIVE,
-                                          "exchange_sparsity": NON_NEGATIVE, "drop_path_rate": Range(0, 1, high_open=True)}
+                                          "exchange_sparsity": NON_NEGATIVE,
+                                          "drop_path_rate": Range(0, 1, high_open=True)}
 
     fusion: Fusion = "gemini"
     variant: Variant = "b0"
@@ -222,7 +224,8 @@ class Task:
         for param in model.parameters():
             if param.requires_grad:
                 (decay if param.ndim > 1 else flat).append(param)
-        return [{"params": decay, "weight_decay": self.recipe.train.weight_decay}, {"params": flat, "weight_decay": 0.0}]
+        return [{"params": decay, "weight_decay": self.recipe.train.weight_decay},
+                {"params": flat, "weight_decay": 0.0}]
 
     def loss(self, model, batch) -> tuple[Tensor, dict]:
         inputs, target = batch
