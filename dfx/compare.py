@@ -352,7 +352,7 @@ def example_input(recipe: Recipe, device):
 
     size = native_size(recipe) or 224
     hw = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    if recipe.task == "fusion":
+    if recipe.task in ("fusion", "translation"):
         return torch.randn(1, len(recipe.data.modalities), 3, *hw, device=device)
     return torch.randn(1, 3, *hw, device=device)
 

@@ -75,7 +75,7 @@ def _input_size(recipe, image_size: list[int] | None) -> tuple[int, int]:
     data = recipe.data
     if recipe.task == "detection":
         return (max(data.scales), max(data.scales))
-    if recipe.task in ("fusion", "depth"):
+    if recipe.task in ("fusion", "depth", "translation"):
         return tuple(data.size)
     return (data.image_size, data.image_size)
 
@@ -88,19 +88,19 @@ def example_inputs(recipe, size: tuple[int, int], image: str | os.PathLike | Non
     """
     from dfx.predict import PREDICTORS
 
-    if recipe.task == "fusion":
+    if recipe.task in ("fusion", "translation"):
         names = list(recipe.data.modalities)
     else:
         names = ["images", "mask"] if recipe.task == "detection" else ["images"]
     if image is None:
         generator = torch.Generator().manual_seed(0)
-        count = len(names) if recipe.task == "fusion" else 1
+        count = len(names) if recipe.task in ("fusion", "translation") else 1
         tensors = [torch.randn(1, 3, *size, generator=generator) for _ in range(count)]
         if recipe.task == "detection":
             tensors.append(torch.zeros(1, *size, dtype=torch.bool))
         return names, tensors, "seeded noise"
     paths = [Path(image)]
-    if recipe.task == "fusion":
+    if recipe.task in ("fusion", "translation"):
         missing = [n for n in names[1:] if n not in (modalities or {})]
         if missing:
             raise UsageError(f"--image is the {names[0]} image; pass the others too: "
@@ -129,7 +129,7 @@ def example_inputs(recipe, size: tuple[int, int], image: str | os.PathLike | Non
         canvas[0, :, :height, :width] = tensor[:, :height, :width]
         mask[0, :height, :width] = False
         return names, [canvas, mask], str(image)
-    if recipe.task == "fusion":
+    if recipe.task in ("fusion", "translation"):
         return names, [t[None] for t in tensor.unbind(0)], ", ".join(map(str, paths))
     return names, [tensor[None]], str(image)
 
@@ -151,13 +151,15 @@ def export(weights: str | os.PathLike, *, format: str = "onnx", out: str | os.Pa
     if not meta and not recipe.model.weights:
         raise UsageError(f"{weights}: a recipe exports the weights named by model.weights; pass model.weights=FILE, "
                          "or a run directory or dfx checkpoint")
-    graphs = {"detection": DetectionGraph, "fusion": FusionGraph}
-    if recipe.task not in ("detection", "fusion", "segmentation", "classification", "distillation", "depth"):
+    graphs = {"detection": DetectionGraph, "fusion": FusionGraph, "translation": FusionGraph}
+    if recipe.task not in ("detection", "fusion", "segmentation", "classification", "distillation", "depth",
+                           "translation"):
         raise UsageError(f"dfx export does not handle task {recipe.task!r}")
     graph = graphs.get(recipe.task, lambda m: m)(model.float().cpu()).eval()
     size = _input_size(recipe, image_size)
     names, inputs, source = example_inputs(recipe, size, image, modalities)
-    outputs = {"detection": ["pred_logits", "pred_boxes"], "depth": ["depth"]}.get(recipe.task, ["logits"])
+    outputs = {"detection": ["pred_logits", "pred_boxes"], "depth": ["depth"],
+               "translation": ["image"]}.get(recipe.task, ["logits"])
     if out is not None and Path(out).suffix == ".onnx":
         check_out_path(Path(out), "an .onnx file")
     path = Path(out) if out is not None and Path(out).suffix == ".onnx" else \

@@ -19,8 +19,10 @@ SOURCE is image files, folders or globs. Everything goes to ``runs/predict/<name
   on the image).
 * depth: ``depth/<stem>.png`` (uint16 millimetres) and ``images/`` (the image beside its
   colour-mapped depth); see dfx.predict_depth.
+* translation: ``translations/<stem>.png`` (the image produced) and ``images/`` (inputs and output
+  side by side); see dfx.predict_translation.
 
-Fusion reads one source per modality: SOURCE is the first of ``data.modalities``, ``modalities``
+Fusion and translation read one source per modality: SOURCE is the first of ``data.modalities``, ``modalities``
 gives the others (``{"depth": ["DIR"]}``); files are paired by name (stem), else in sorted order.
 A file that is not a readable image is named, skipped and counted; the JSON lines are written as
 the run goes, so an interrupted run keeps what it finished.
@@ -44,6 +46,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from dfx.data.images import IMAGE_SUFFIXES, read_rgb
 from dfx.errors import UsageError
 from dfx.predict_depth import DepthPredictor
+from dfx.predict_translation import TranslationPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +311,7 @@ class ClassificationPredictor(Predictor):
 
 PREDICTORS = {"detection": DetectionPredictor, "segmentation": SegmentationPredictor, "fusion": FusionPredictor,
               "classification": ClassificationPredictor, "distillation": ClassificationPredictor,
-              "depth": DepthPredictor}
+              "depth": DepthPredictor, "translation": TranslationPredictor}
 
 
 def _colours(count: int) -> np.ndarray:
@@ -450,7 +453,7 @@ def _samples(recipe, sources: list[str], modalities: dict[str, list[str]]) -> li
     if not sources:
         raise UsageError("dfx predict: no SOURCE given; pass image files, folders or globs")
     primary = collect_files(sources)
-    if recipe.task != "fusion":
+    if recipe.task not in ("fusion", "translation"):
         if modalities:
             raise UsageError(f"--modality is for fusion models; this model's task is {recipe.task}")
         return [[p] for p in primary]

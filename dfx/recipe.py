@@ -45,6 +45,7 @@ TASK_MODULES = {
     "distillation": "dfx.tasks.distillation",
     "fusion": "dfx.tasks.fusion",
     "segmentation": "dfx.tasks.segmentation",
+    "translation": "dfx.tasks.translation",
 }
 
 

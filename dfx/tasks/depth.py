@@ -191,8 +191,10 @@ class Task:
                           images=data.images, depths=data.depths, depth=data.depth, transform=transform)
 
     def build_model(self) -> DPT:
+        from dfx.models.dpt_released import RELEASED_FORMAT, convert_dpt
+
         model = build_dpt(self.recipe.model)
-        load_recipe_weights(model, self.recipe.model)
+        load_recipe_weights(model, self.recipe.model, converters=[convert_dpt], formats=[RELEASED_FORMAT])
         return model
 
     def info(self) -> dict:

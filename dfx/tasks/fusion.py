@@ -347,9 +347,10 @@ def check_fusion(name: str) -> str:
 
 def load_fusion_recipe(recipe: str | Path, overrides: list[str]):
     resolved = load_recipe(recipe, overrides)
-    if resolved.task != "fusion":
+    if resolved.task not in ("fusion", "translation"):
         raise UsageError(f"{recipe}: task is {resolved.task!r}; dfx fuse takes a fusion recipe (task: fusion, e.g. "
-                         "recipes/gemini-shapes.yaml); use dfx train for other tasks")
+                         "recipes/gemini-shapes.yaml, or task: translation, e.g. recipes/translation-shapes.yaml); "
+                         "use dfx train for other tasks")
     return resolved
 
 
