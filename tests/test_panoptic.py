@@ -168,3 +168,37 @@ def test_semantic_inference_sums_sharpened_scores_times_mask_probabilities():
     semantic = semantic_inference(classes, masks)
     direct = sum(scores[q][:, None, None] * masks[q].sigmoid()[None] for q in range(6))
     assert semantic.shape == (3, 5, 7) and torch.allclose(semantic, direct, atol=1e-6)
+
+
+def test_dfx_eval_scores_a_coco_panoptic_prediction_by_pq(tmp_path):
+    """COCO panoptic JSON + PNG folders on both sides: the files give the same PQ as the ids they encode."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from dfx.cli import app
+
+    gt = columns({1: (0, 10), 70000: (10, 20)})  # an id above 65535 exercises the blue channel
+    pred = columns({5: (0, 8), 6: (8, 20)})
+    for name, ids, info in (("gt", gt, segments(gt, {1: 1, 70000: 2})),
+                            ("pred", pred, [{"id": 5, "category_id": 1}, {"id": 6, "category_id": 2}])):
+        (tmp_path / name).mkdir()
+        Image.fromarray(id_to_rgb(ids)).save(tmp_path / name / "a.png")
+        document = {"annotations": [{"image_id": 3, "file_name": "a.png", "segments_info": info}]}
+        if name == "gt":
+            document["categories"] = [{**c, "name": n} for c, n in zip(CATEGORIES, ("cat", "sky"))]
+            document["images"] = [{"id": 3, "file_name": "a.jpg", "width": 20, "height": 10}]
+        (tmp_path / f"{name}.json").write_text(json.dumps(document))
+    result = CliRunner().invoke(app, ["eval", "--predictions", str(tmp_path / "pred.json"), "--annotations",
+                                      str(tmp_path / "gt.json"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["iou_type"] == "panoptic" and report["detections"] == 2 and report["images"] == 1
+    assert report["metrics"]["PQ"] == pytest.approx((0.8 + 100 / 120) / 2)
+    assert report["metrics"]["PQ/sky"] == pytest.approx(100 / 120)
+    (tmp_path / "pred.json").write_text(json.dumps({"annotations": [{"image_id": 4, "file_name": "a.png",
+                                                                     "segments_info": []}]}))
+    missing = CliRunner().invoke(app, ["eval", "--predictions", str(tmp_path / "pred.json"), "--annotations",
+                                       str(tmp_path / "gt.json")])
+    assert missing.exit_code == 2 and "no prediction for 1 of 1 images" in missing.output

@@ -18,6 +18,7 @@ RQ are their means over those categories: all, things (``isthing`` 1) and stuff.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -136,3 +137,59 @@ class PanopticQuality:
             out["n" + suffix] = len(chosen)
         out["per_class"] = per_class
         return out
+
+
+def is_panoptic_file(path) -> bool:
+    """True when the JSON file at ``path`` is in the COCO panoptic format (``annotations`` with ``segments_info``)."""
+    from dfx.files import read_json
+
+    document = read_json(path, "--predictions:")
+    annotations = document.get("annotations") if isinstance(document, dict) else None
+    return isinstance(annotations, list) and bool(annotations) and all(
+        isinstance(a, dict) and "segments_info" in a for a in annotations)
+
+
+def evaluate_panoptic_files(predictions, annotations, pred_folder=None, gt_folder=None) -> dict:
+    """PQ of a COCO panoptic prediction (JSON + PNG folder) against COCO panoptic ground truth.
+
+    Each JSON's PNGs are in the folder of the same name beside it (``panoptic_val2017.json`` ->
+    ``panoptic_val2017/``, the COCO layout) unless given; images are matched by ``image_id`` and
+    every ground-truth image needs a prediction. Returns ``{"iou_type": "panoptic", "metrics":
+    {"PQ", "SQ", "RQ", "PQ_th", ..., "PQ/<class>"...}, "detections": segments predicted, "images",
+    "predictions", "annotations"}``.
+    """
+    from PIL import Image
+
+    from dfx.files import read_json
+
+    predictions, annotations = Path(predictions), Path(annotations)
+    gt, pred = read_json(annotations, "--annotations:"), read_json(predictions, "--predictions:")
+    if not (isinstance(gt, dict) and isinstance(gt.get("categories"), list) and isinstance(gt.get("annotations"), list)
+            and all("segments_info" in a for a in gt["annotations"])):
+        raise UsageError(f"--annotations: {annotations} is not a COCO panoptic annotation file (categories, and "
+                         "annotations with segments_info); score panoptic predictions against panoptic ground truth")
+    gt_folder = Path(gt_folder) if gt_folder else annotations.with_suffix("")
+    pred_folder = Path(pred_folder) if pred_folder else predictions.with_suffix("")
+    for folder, flag in ((gt_folder, "--annotations"), (pred_folder, "--predictions")):
+        if not folder.is_dir():
+            raise UsageError(f"{flag}: the PNG folder {folder} is missing; COCO panoptic keeps each JSON's PNGs in "
+                             "the folder of the same name beside it")
+    by_image = {a["image_id"]: a for a in pred["annotations"]}
+    missing = [a["image_id"] for a in gt["annotations"] if a["image_id"] not in by_image]
+    if missing:
+        raise UsageError(f"--predictions: no prediction for {len(missing)} of {len(gt['annotations'])} images "
+                         f"(first: image_id {missing[0]}); predict every image of the annotations")
+    quality = PanopticQuality(gt["categories"])
+    segments = 0
+    for truth in gt["annotations"]:
+        guess = by_image[truth["image_id"]]
+        gt_ids = rgb_to_id(np.asarray(Image.open(gt_folder / truth["file_name"]).convert("RGB")))
+        pred_ids = rgb_to_id(np.asarray(Image.open(pred_folder / guess["file_name"]).convert("RGB")))
+        quality.add(gt_ids, truth["segments_info"], pred_ids, guess["segments_info"], image=guess["file_name"])
+        segments += len(guess["segments_info"])
+    summary = quality.summary()
+    names = {int(c["id"]): c.get("name", str(c["id"])) for c in gt["categories"]}
+    metrics = {k: v for k, v in summary.items() if k != "per_class"}
+    metrics.update({f"PQ/{names[c]}": v["PQ"] for c, v in summary["per_class"].items()})
+    return {"iou_type": "panoptic", "metrics": metrics, "detections": segments, "images": len(gt["annotations"]),
+            "predictions": str(predictions), "annotations": str(annotations)}
