@@ -84,3 +84,33 @@ def test_deterministic_and_loads_with_masks(pair, tmp_path):
 def test_registered_as_embedded():
     folder, generate = EMBEDDED["shapes-inst"]
     assert folder.startswith("shapes-inst-v") and generate is generate_shapes_inst
+
+
+def test_data_check_counts_masks_and_flags_mask_problems(tmp_path):
+    """dfx data check on shapes-inst: every object has a mask; then an empty polygon, one outside its image
+    and an object without a mask are each named, the last fatal only for a masks recipe."""
+    from typer.testing import CliRunner
+
+    from dfx.cli import app
+
+    root = tmp_path / "inst"
+    generate_shapes_inst(root, train_images=4, val_images=3)
+    result = CliRunner().invoke(app, ["data", "check", str(root), "--json"])
+    report = json.loads(result.stdout)
+    train = annotations(root, "train")
+    assert result.exit_code == 0 and report["splits"]["train"]["masks"] == len(train["annotations"]) > 3
+    assert not [p for p in report["problems"] if "mask" in p["kind"] or "polygon" in p["kind"]]
+    first, second, third = train["annotations"][:3]
+    first["segmentation"] = [[10, 10, 20, 10]]  # two points: no area
+    second["segmentation"] = [[250, 250, 270, 250, 270, 262]]  # reaches past the 256 px image
+    del third["segmentation"]
+    (root / "annotations" / "train.json").write_text(json.dumps(train))
+    report = json.loads(CliRunner().invoke(app, ["data", "check", str(root), "--json"]).stdout)
+    problems = {p["kind"]: p for p in report["problems"] if p["split"] == "train"}
+    assert problems["empty mask"]["count"] == 1 and f"ids {first['id']}" in problems["empty mask"]["detail"]
+    assert problems["polygon outside image"]["count"] == 1 and not problems["missing mask"]["fatal"]
+    assert report["splits"]["train"]["masks"] == len(train["annotations"]) - 1 and report["ok"]
+    masks = CliRunner().invoke(app, ["data", "check", str(root), "model.masks=true", "model.two_stage=true",
+                                     "--json"])
+    assert masks.exit_code == 1 and any(p["kind"] == "missing mask" and p["fatal"]
+                                        for p in json.loads(masks.stdout)["problems"])
