@@ -114,3 +114,4 @@ def test_data_check_counts_masks_and_flags_mask_problems(tmp_path):
                                      "--json"])
     assert masks.exit_code == 1 and any(p["kind"] == "missing mask" and p["fatal"]
                                         for p in json.loads(masks.stdout)["problems"])
+
