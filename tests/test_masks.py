@@ -147,6 +147,34 @@ def test_the_criterion_trains_every_mask_of_the_model():
     assert model.mask_head.mask_embed.layers[0].weight.grad.abs().sum() > 0
 
 
+def test_dn_masks_off_is_maskdino_standard_denoising():
+    """dn_masks false (MaskDINO's dn "standard"): the denoising queries carry no masks, so only the
+    matching and encoder predictions get mask terms; the matching queries' outputs are unchanged."""
+    from dfx.detection import SetCriterion
+    from dfx.detection.loss_config import MASKDINO_SET_LOSS, MaskLossConfig
+
+    frame = torch.zeros(3, 64, 80)
+    frame[0, 8:24, 16:40] = 1
+    frame[1, 16:48, 24:72] = 1
+    frame[2, 0:32, 0:40] = 1
+    targets = [{**TARGETS[0], "masks": frame[:2]}, {**TARGETS[1], "masks": frame[2:]}]
+    seg, standard = build(dn_queries=6).train(), build(dn_queries=6, dn_masks=False).train()
+    torch.manual_seed(3)
+    with_masks = seg(images(), None, targets)
+    torch.manual_seed(3)
+    without = standard(images(), None, targets)
+    assert "pred_masks" in with_masks["dn"] and "pred_masks" not in without["dn"]
+    assert all("pred_masks" not in layer for layer in without["dn"]["aux_outputs"])
+    assert torch.equal(with_masks["pred_masks"], without["pred_masks"])
+    assert torch.equal(with_masks["dn"]["pred_boxes"], without["dn"]["pred_boxes"])
+    criterion = SetCriterion.from_config(3, MASKDINO_SET_LOSS, masks=MaskLossConfig(mask_points=64))
+    seen = []
+    original = criterion.terms
+    criterion.terms = lambda outputs, *args: seen.append("mask" in (t := original(outputs, *args))) or t
+    criterion(without, targets)
+    assert seen.count(True) == TINY["decoder_layers"] + 1 + 1 and seen.count(False) == TINY["decoder_layers"] + 1
+
+
 @pytest.mark.parametrize("kind, extra", [("mask2box", 0), ("bitmask", 1)])
 def test_mask_boxes_initialise_the_decoder(kind, extra):
     """MaskDINO's initialize_box_type: the first references are the boxes of the proposals' masks."""

@@ -118,6 +118,9 @@ class DetectorConfig:
     # MaskDINO: the decoder's first reference boxes are the selected proposals' mask boxes; mask2box: last
     # pixel inclusive (torchvision masks_to_boxes), bitmask: exclusive (detectron2 BitMasks); no: their boxes
     initialize_box_type: Literal["no", "mask2box", "bitmask"] = "no"
+    # MaskDINO's dn "seg": the denoising queries predict masks and learn them too; false: its "standard"
+    # (boxes and labels only)
+    dn_masks: bool = True
 
     def validate(self) -> None:
         """Raise ValueError naming the field for inconsistent settings."""
@@ -427,7 +430,8 @@ class DeformableDETR(nn.Module):
         if self.mask_head is not None:
             layers = self._add_masks(mask_features, content, reference, states, layers)
         if dn is not None:
-            denoised = [{k: v[:, : dn.size] for k, v in layer.items()} for layer in layers]
+            denoised = [{k: v[:, : dn.size] for k, v in layer.items() if k != "pred_masks" or self.config.dn_masks}
+                        for layer in layers]
             out["dn"] = {**denoised[-1], "aux_outputs": denoised[:-1], "groups": dn.groups, "group_size": dn.group_size}
             layers = [{k: v[:, dn.size :] for k, v in layer.items()} for layer in layers]
         one2one_layers = [{k: v[:, :one2one] for k, v in layer.items()} for layer in layers]
