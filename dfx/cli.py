@@ -827,7 +827,8 @@ def predict(
         if "numbering" in result:
             out.print(f"ids: image_id = {result['numbering']['image_id']}; category_id = "
                       f"{result['numbering']['category_id']}", markup=False, highlight=False)
-        _print_files(result, ("predictions", "results", "labels", "depth", "translations", "pictures"))
+        _print_files(result, ("predictions", "segm_predictions", "results", "labels", "depth", "translations",
+                              "pictures"))
 
     run(work, json_out=json_out, debug=debug, quiet=quiet, show=show)
 

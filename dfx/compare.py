@@ -164,8 +164,10 @@ def paired_difference(a: dict[int, float], b: dict[int, float], mode: str = "max
 
 
 def scale_of(metric: str) -> float:
-    """Metrics that are fractions are reported in points (AP 0.452 → 45.2)."""
-    return 100.0 if metric.split("/")[0] in FRACTION_METRICS else 1.0
+    """Metrics that are fractions are reported in points (AP 0.452 → 45.2; mask AP ``segm/AP`` too)."""
+    parts = metric.split("/")
+    name = parts[1] if parts[0] == "segm" and len(parts) > 1 else parts[0]
+    return 100.0 if name in FRACTION_METRICS else 1.0
 
 
 def reading_line(name: str, baseline: str, diff: dict, metric: str) -> str:
@@ -374,10 +376,13 @@ def format_metric(value: float | None, metric: str, signed: bool = False) -> str
 
 
 def sub_metrics(report: dict, most: int = 4) -> list[str]:
-    """Parts of the main metric worth a column (``mIoU/rgb``, ``mIoU/depth``), when there are few."""
+    """Parts of the main metric worth a column (``mIoU/rgb``, ``mIoU/depth``), when there are few;
+    and a box metric's mask counterpart (``segm/AP`` beside ``AP``) when the runs have masks."""
     keys = list(dict.fromkeys(k for row in report["rows"] for k in row.get("metrics_mean", {})
                               if k.startswith(report["metric"] + "/")))
-    return keys if len(keys) <= most else []
+    masks = f"segm/{report['metric']}"
+    companion = [masks] if any(masks in row.get("metrics_mean", {}) for row in report["rows"]) else []
+    return companion + (keys if len(keys) <= most else [])
 
 
 def markdown(report: dict) -> str:

@@ -77,8 +77,9 @@ def check_data(target: str | Path | None, overrides=(), decode: bool = True, pro
             problems.append(_problem(split, "annotations", 1, error, fatal=True))
         classes = classes or dataset.classes
         stats, split_problems = _split_report(split, dataset, source.skipped, decode, progress, skip)
-        report["splits"][split] = stats
-        problems += split_problems
+        masks, mask_problems = _mask_report(split, dataset, bool(getattr(recipe.model, "masks", False)))
+        report["splits"][split] = {**stats, **masks}
+        problems += split_problems + mask_problems
     report["classes"] = classes or []
     report["problems"] = problems
     report["ok"] = not any(p["fatal"] for p in problems)
@@ -165,3 +166,54 @@ def _split_report(split: str, dataset: CocoDetection, converted: dict, decode: b
              "image_sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common(5)},
              "image_dir": str(dataset.image_dir), "annotations": str(dataset.ann_file)}
     return stats, problems
+
+
+def _mask_report(split: str, dataset: CocoDetection, required: bool) -> tuple[dict, list[dict]]:
+    """Instance masks of the split's non-crowd objects: how many carry one, and the problems:
+    objects without (fatal when the recipe trains masks), empty masks (a polygon of fewer than 3
+    points, or no pixel), and polygons reaching more than half a pixel outside their image."""
+    from pycocotools import mask as coco_mask
+
+    objects = [a for a in dataset.coco.dataset["annotations"] if not a.get("iscrowd", 0)]
+    with_mask = [a for a in objects if a.get("segmentation")]
+    if not with_mask and not required:
+        return {"masks": 0}, []
+    problems, empty, outside = [], [], []
+    for ann in with_mask:
+        image = dataset.coco.imgs[ann["image_id"]]
+        height, width = image.get("height"), image.get("width")
+        segmentation = ann["segmentation"]
+        if isinstance(segmentation, list):
+            parts = [p for p in segmentation if len(p) >= 6]
+            xs = [v for p in parts for v in p[0::2]]
+            ys = [v for p in parts for v in p[1::2]]
+            if xs and width and height and (min(xs) < -0.5 or min(ys) < -0.5 or max(xs) > width + 0.5
+                                            or max(ys) > height + 0.5):
+                outside.append(ann["id"])
+            if not parts:
+                empty.append(ann["id"])
+                continue
+            if not height or not width:  # no size to rasterise at
+                continue
+            rle = coco_mask.merge(coco_mask.frPyObjects(parts, height, width))
+        elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+            rle = coco_mask.frPyObjects(segmentation, *segmentation["size"])
+        else:
+            rle = segmentation
+        if int(coco_mask.area(rle)) == 0:
+            empty.append(ann["id"])
+    missing = [a["id"] for a in objects if not a.get("segmentation")]
+    if missing:
+        detail = (f"{len(missing)} of {len(objects)} objects have no segmentation (annotation ids {first(missing)})"
+                  + ("; model.masks trains on every object's mask: add polygons or RLE, or train boxes only"
+                     if required else "; a masks model (model.masks: true) cannot train on them"))
+        problems.append(_problem(split, "missing mask", len(missing), detail, fatal=required))
+    if empty:
+        problems.append(_problem(split, "empty mask", len(empty),
+                                 f"{len(empty)} masks have no pixel or fewer than 3 polygon points (annotation ids "
+                                 f"{first(empty)}); they teach the model an empty object", fatal=False))
+    if outside:
+        problems.append(_problem(split, "polygon outside image", len(outside),
+                                 f"{len(outside)} polygons reach outside their image (annotation ids {first(outside)}); "
+                                 "rasterising clips them", fatal=False))
+    return {"masks": len(with_mask)}, problems

@@ -4,7 +4,8 @@ The graph is traced with PyTorch's TorchScript-based exporter (``torch.onnx.expo
 opset 17; the torch.export-based one needs onnxscript and more). Inputs and outputs:
 
 * detection: ``images [B, 3, H, W]`` and ``mask [B, H, W]`` bool (True at padding) ->
-  ``pred_logits [B, Q, K]``, ``pred_boxes [B, Q, 4]`` (cxcywh in [0, 1] of the unpadded image);
+  ``pred_logits [B, Q, K]``, ``pred_boxes [B, Q, 4]`` (cxcywh in [0, 1] of the unpadded image) and,
+  with ``model.masks`` (MaskDINO), ``pred_masks [B, Q, H/4, W/4]`` (mask logits on the padded input);
   the deformable attention runs through ``grid_sample`` (dfx.ops.ms_deform_attn_grid_sample);
   top-k post-processing stays outside the graph (dfx.detection.postprocess);
 * segmentation: ``images [B, 3, S, S]`` -> ``logits [B, K, S, S]``;
@@ -55,7 +56,8 @@ class DetectionGraph(nn.Module):
 
     def forward(self, images, mask):
         out = self.model(images, mask)
-        return out["pred_logits"].float(), out["pred_boxes"].float()  # float32 even where the exporter promoted
+        names = ("pred_logits", "pred_boxes", "pred_masks") if "pred_masks" in out else ("pred_logits", "pred_boxes")
+        return tuple(out[name].float() for name in names)  # float32 even where the exporter promoted
 
 
 class FusionGraph(nn.Module):
@@ -160,6 +162,8 @@ def export(weights: str | os.PathLike, *, format: str = "onnx", out: str | os.Pa
     names, inputs, source = example_inputs(recipe, size, image, modalities)
     outputs = {"detection": ["pred_logits", "pred_boxes"], "depth": ["depth"],
                "translation": ["image"]}.get(recipe.task, ["logits"])
+    if recipe.task == "detection" and recipe.model.masks:
+        outputs.append("pred_masks")
     if out is not None and Path(out).suffix == ".onnx":
         check_out_path(Path(out), "an .onnx file")
     path = Path(out) if out is not None and Path(out).suffix == ".onnx" else \

@@ -6,7 +6,10 @@ SOURCE is image files, folders or globs. Everything goes to ``runs/predict/<name
 * detection: ``predictions.json`` (COCO results, ``bbox`` x y w h in the original image's pixels,
   exactly as ``dfx eval`` writes them), ``predictions.jsonl`` (one line per image: file, size,
   ``image_id`` and ``detections`` with class, score and xyxy box clipped to the image) and ``images/``
-  (the boxes drawn with class and score). The ids are a dataset's when its COCO annotation file is
+  (the boxes drawn with class and score). A model with masks (MaskDINO) also writes
+  ``segm_predictions.json`` (COCO segm results, compressed RLE, scored class x mask score as
+  ``dfx eval`` scores them), gives each JSON-lines detection its ``mask_score``, ``area`` and
+  ``segmentation`` and draws each mask (tint and outline, one colour per instance). The ids are a dataset's when its COCO annotation file is
   given (``--annotations``) or lies beside the images (Roboflow's ``_annotations.coco.json``):
   images matched by file name, categories by class name, so that ``dfx eval --predictions``
   scores them; for a free folder of photos ``image_id`` is the line's 0-based index in
@@ -144,6 +147,7 @@ class DetectionPredictor(Predictor):
                           "category_id": "data.category_ids" if getattr(data, "category_ids", None) else
                           "the class's 0-based index in 'categories'"}
         self.results: list[dict] = []
+        self.segm_results: list[dict] | None = [] if getattr(recipe.model, "masks", False) else None
 
     def number_by(self, ann_file: Path, files: list[Path], found: bool) -> None:
         """Use the image and category ids of the COCO file ``ann_file``: images matched by file name,
@@ -191,6 +195,14 @@ class DetectionPredictor(Predictor):
         outputs = model(images.to(device), masks.to(device))
         sizes = torch.tensor([p.shape[:2] for p in pictures], device=device)
         found = postprocess(outputs, sizes, self.recipe.model.detections)
+        if "pred_masks" in outputs:  # MaskDINO: each detection's mask, scored as the evaluator scores it
+            from dfx.detection.masks import instance_masks
+
+            seen = torch.tensor([x.shape[-2:] for x in inputs], device=device)
+            found_masks, mask_scores = instance_masks(outputs["pred_masks"], [d["queries"] for d in found], seen,
+                                                      sizes)
+            for d, m, s in zip(found, found_masks, mask_scores):
+                d["masks"], d["mask_scores"] = m, d["scores"] * s
         return [{k: v[d["scores"] >= self.conf].cpu() for k, v in d.items()} for d in found]
 
     def write(self, paths, picture, output):
@@ -207,17 +219,36 @@ class DetectionPredictor(Predictor):
         detections = [{"class": self.classes[int(k)], "class_id": int(k), "score": round(float(s), 5),
                        "box": [round(float(v), 2) for v in box]}
                       for box, s, k in zip(boxes, output["scores"], output["labels"])]
+        if "masks" in output:
+            self._add_masks(image_id, output, detections)
         name = self.unique_stem(paths[0])
+        if "masks" in output:
+            picture = draw_masks(picture, output["masks"].numpy())
         draw_boxes(picture, detections, self.classes).save(self.out / "images" / f"{name}.jpg", quality=90)
         return {"image_id": image_id, "detections": detections}
+
+    def _add_masks(self, image_id: int, output: dict, detections: list[dict]) -> None:
+        """COCO segm results of the image (compressed RLE, scored class x mask score as ``dfx eval``
+        scores them) and each JSON-lines detection's ``mask_score``, ``area`` and ``segmentation``."""
+        from dfx.data.coco_eval import to_coco_segm_results
+
+        segm = to_coco_segm_results([image_id], [output["masks"]], [output["mask_scores"]], [output["labels"]],
+                                    self.category_ids)
+        self.segm_results += segm
+        for detection, result, mask in zip(detections, segm, output["masks"]):
+            detection.update({"mask_score": round(float(result["score"]), 5), "area": int(mask.sum()),
+                              "segmentation": result["segmentation"]})
 
     def finish(self):
         from dfx.data.coco_eval import write_results
 
         write_results(self.out / "predictions.json", self.results)
         categories = [{"id": int(c), "name": name} for c, name in zip(self.category_ids, self.classes)]
-        return {"predictions": str(self.out / "predictions.json"),
-                "numbering": {**self.numbering, "categories": categories}}
+        files = {"predictions": str(self.out / "predictions.json")}
+        if self.segm_results is not None:  # MaskDINO: the masks as COCO segm results (dfx eval --predictions)
+            write_results(self.out / "segm_predictions.json", self.segm_results)
+            files["segm_predictions"] = str(self.out / "segm_predictions.json")
+        return {**files, "numbering": {**self.numbering, "categories": categories}}
 
 
 class SegmentationPredictor(Predictor):
@@ -337,6 +368,22 @@ def draw_boxes(picture: np.ndarray, detections: list[dict], classes: list[str]) 
         draw.rectangle((left, top - lift, right + 2, bottom - lift), fill=colour)
         draw.text((x0 + 1, y0 - lift), text, fill=(255, 255, 255), font_size=font_size)
     return image
+
+
+def draw_masks(picture: np.ndarray, masks: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The image with each instance mask (bool [N, H, W]) tinted and outlined in a colour of its own;
+    later masks are drawn over earlier ones."""
+    colours = _colours(max(len(masks), 1))
+    tinted = picture.astype(np.float32)
+    for mask, colour in zip(masks, colours):
+        tinted[mask] = (1 - alpha) * tinted[mask] + alpha * colour
+        inner = mask.copy()  # a pixel of the mask with a 4-neighbour outside it is on the outline
+        inner[1:] &= mask[:-1]
+        inner[:-1] &= mask[1:]
+        inner[:, 1:] &= mask[:, :-1]
+        inner[:, :-1] &= mask[:, 1:]
+        tinted[mask & ~inner] = colour
+    return tinted.round().astype(np.uint8)
 
 
 def overlay_classes(picture: np.ndarray, label_map: np.ndarray, num_classes: int, alpha: float = 0.5) -> Image.Image:

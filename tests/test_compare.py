@@ -118,3 +118,23 @@ def test_a_comparison_trains_every_seed_reports_failures_and_resumes(tiny_recipe
     assert again["rows"][0]["per_seed"] == rows["tiny"]["per_seed"]
     with pytest.raises(UsageError, match="holds a comparison of other variants"):
         compare(variants, ["train.epochs=1"], seeds=[0, 1, 2], out=tmp_path / "cmp")
+
+
+def test_mask_ap_is_in_points_and_beside_box_ap():
+    """Runs with masks report segm/AP: scaled to points like AP, as the main metric or as a column beside AP."""
+    from dfx.compare import format_metric, markdown, scale_of, sub_metrics
+
+    assert scale_of("segm/AP") == scale_of("AP") == 100.0 and scale_of("AbsRel") == scale_of("segm") == 1.0
+    assert format_metric(0.4567, "segm/AP") == "45.7"
+    variants = [Variant("a", "a.yaml"), Variant("b", "b.yaml")]
+    runs = [{"variant": v, "seed": s, "status": "done", "wall_s": 1.0,
+             "metrics": {"AP": 0.5 + s / 100 + (v == "b") / 10, "segm/AP": 0.4 + s / 50}}
+            for v in ("a", "b") for s in range(3)]
+    rows = tabulate(variants, runs, "AP", "max")
+    report = {"metric": "AP", "mode": "max", "rows": rows, "seeds": [0, 1, 2]}
+    assert sub_metrics(report) == ["segm/AP"]
+    assert rows[0]["metrics_mean"]["segm/AP"] == pytest.approx(0.42)
+    table = markdown(report)
+    assert "segm/AP" in table and "42.0" in table
+    masks = tabulate(variants, runs, "segm/AP", "max")
+    assert masks[1]["vs_first"]["mean"] == pytest.approx(0.0) and masks[0]["metric"]["mean"] == pytest.approx(0.42)

@@ -266,3 +266,24 @@ def test_dfx_train_with_masks_reports_segm_next_to_bbox(tmp_path):
     segm = {k: v for k, v in metrics.items() if k.startswith("segm/")}
     assert {"segm/AP", "segm/AP50", "segm/AR100"} <= set(segm) and "AP" in metrics
     assert any(k.startswith("segm/AP/") for k in segm) and all(0 <= v <= 1 for v in segm.values())
+
+
+def test_yolo_seg_polygons_become_masks(tmp_path):
+    """A YOLO-seg polygon line keeps its polygon (in pixels) as the object's mask; a box line has none."""
+    from dfx.data.formats import find_detection_data
+
+    root = tmp_path / "y"
+    for split in ("train", "val"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+        Image.new("RGB", (40, 20)).save(root / split / "images" / "a.png")
+        (root / split / "labels" / "a.txt").write_text("0 0.25 0.25 0.75 0.25 0.75 0.75 0.25 0.75\n1 0.5 0.5 0.2 0.2")
+    (root / "data.yaml").write_text("train: train/images\nval: val/images\nnames: [cat, dog]\n")
+    split = find_detection_data(root).split("train")
+    square, box = split.annotations["annotations"]
+    assert square["segmentation"] == [[10.0, 5.0, 30.0, 5.0, 30.0, 15.0, 10.0, 15.0]] and "segmentation" not in box
+    dataset = CocoDetection(split.images, split.ann_file, annotations={**split.annotations,
+                                                                       "annotations": [square]}, masks=True)
+    _, target = dataset[0]
+    mask = target["masks"][0].numpy().astype(bool)
+    assert mask.shape == (20, 40) and mask[6:14, 11:29].all() and not mask[:4].any() and not mask[:, :9].any()

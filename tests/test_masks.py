@@ -147,6 +147,59 @@ def test_the_criterion_trains_every_mask_of_the_model():
     assert model.mask_head.mask_embed.layers[0].weight.grad.abs().sum() > 0
 
 
+def test_dn_masks_off_is_maskdino_standard_denoising():
+    """dn_masks false (MaskDINO's dn "standard"): the denoising queries carry no masks, so only the
+    matching and encoder predictions get mask terms; the matching queries' outputs are unchanged."""
+    from dfx.detection import SetCriterion
+    from dfx.detection.loss_config import MASKDINO_SET_LOSS, MaskLossConfig
+
+    frame = torch.zeros(3, 64, 80)
+    frame[0, 8:24, 16:40] = 1
+    frame[1, 16:48, 24:72] = 1
+    frame[2, 0:32, 0:40] = 1
+    targets = [{**TARGETS[0], "masks": frame[:2]}, {**TARGETS[1], "masks": frame[2:]}]
+    seg, standard = build(dn_queries=6).train(), build(dn_queries=6, dn_masks=False).train()
+    torch.manual_seed(3)
+    with_masks = seg(images(), None, targets)
+    torch.manual_seed(3)
+    without = standard(images(), None, targets)
+    assert "pred_masks" in with_masks["dn"] and "pred_masks" not in without["dn"]
+    assert all("pred_masks" not in layer for layer in without["dn"]["aux_outputs"])
+    assert torch.equal(with_masks["pred_masks"], without["pred_masks"])
+    assert torch.equal(with_masks["dn"]["pred_boxes"], without["dn"]["pred_boxes"])
+    criterion = SetCriterion.from_config(3, MASKDINO_SET_LOSS, masks=MaskLossConfig(mask_points=64))
+    seen = []
+    original = criterion.terms
+    criterion.terms = lambda outputs, *args: seen.append("mask" in (t := original(outputs, *args))) or t
+    criterion(without, targets)
+    assert seen.count(True) == TINY["decoder_layers"] + 1 + 1 and seen.count(False) == TINY["decoder_layers"] + 1
+
+
+def test_class_norm_classifies_normed_outputs_as_maskdino():
+    """class_norm: each decoder layer's class logits are the head on the norm of its (already normed)
+    output, like a model whose head is preceded by that norm; boxes and masks are unchanged, and the
+    selected proposals are classified from their normed tokens."""
+    on, off = build(class_norm=True).eval(), build().eval()
+    with torch.no_grad():
+        for model in (on, off):  # an affine norm (at init, norm(norm(x)) = norm(x) and nothing would differ)
+            generator = torch.Generator().manual_seed(5)
+            model.decoder.norm.weight.copy_(1 + torch.randn(model.decoder.norm.weight.shape, generator=generator))
+            model.decoder.norm.bias.copy_(torch.randn(model.decoder.norm.bias.shape, generator=generator))
+        a = on(images())
+        b = off(images())
+        assert torch.equal(a["pred_boxes"], b["pred_boxes"]) and torch.equal(a["pred_masks"], b["pred_masks"])
+        assert not torch.allclose(a["pred_logits"], b["pred_logits"])
+        assert not torch.allclose(a["enc_outputs"]["pred_logits"], b["enc_outputs"]["pred_logits"])
+        for i, head in enumerate(off.class_heads):  # the second norm, restated
+            off.class_heads[i] = torch.nn.Sequential(off.decoder.norm, head)
+        c = off(images())
+    for mine, restated in zip([a, *a["aux_outputs"][1:]], [c, *c["aux_outputs"][1:]]):  # [0]: initial queries
+        assert torch.allclose(mine["pred_logits"], restated["pred_logits"], atol=1e-6)
+    assert torch.equal(a["aux_outputs"][0]["pred_logits"], b["aux_outputs"][0]["pred_logits"])  # normed once already
+    with pytest.raises(ValueError, match="class_norm"):
+        DetectorConfig(**{**TINY, **DINO, "class_norm": True}).validate()
+
+
 @pytest.mark.parametrize("kind, extra", [("mask2box", 0), ("bitmask", 1)])
 def test_mask_boxes_initialise_the_decoder(kind, extra):
     """MaskDINO's initialize_box_type: the first references are the boxes of the proposals' masks."""

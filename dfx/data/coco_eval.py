@@ -291,9 +291,14 @@ def evaluate_results_file(predictions: str | Path, annotations: str | Path, stri
     """COCO metrics of any model's results file against a COCO annotation file, with the IoU type
     the entries call for: ``{"iou_type": "bbox"|"segm"|"keypoints", "metrics": {STAT_NAMES...,
     "AP/<class>"...}, "no_ground_truth": [...], "detections": N, "images": N, "predictions": PATH,
-    "annotations": PATH}`` (keypoints: :data:`KEYPOINT_STAT_NAMES`)."""
+    "annotations": PATH}`` (keypoints: :data:`KEYPOINT_STAT_NAMES`). A COCO panoptic prediction (JSON with
+    ``segments_info``, PNGs in the folder of its name) is scored by PQ instead
+    (:func:`dfx.data.panoptic_eval.evaluate_panoptic_files`)."""
     from dfx.data.coco import read_ground_truth
+    from dfx.data.panoptic_eval import evaluate_panoptic_files, is_panoptic_file
 
+    if is_panoptic_file(predictions):  # COCO panoptic JSON + PNGs: PQ / SQ / RQ
+        return evaluate_panoptic_files(predictions, annotations)
     coco_gt = read_ground_truth(annotations)
     results, iou_type = read_results(predictions, coco_gt, strict)
     if iou_type == "segm":

@@ -186,8 +186,9 @@ def label_file(image: Path) -> Path:
 def yolo_to_coco(image_dir: Path, names: list[str], skip_invalid: bool = False) -> tuple[dict, dict[str, int]]:
     """COCO annotations of the images under ``image_dir`` and their YOLO label files.
 
-    A line is ``class cx cy w h`` (or ``class x1 y1 x2 y2 ...``, a polygon, whose bounding box is
-    taken), normalised to [0, 1]. A class index out of range or a coordinate outside [0, 1] is a
+    A line is ``class cx cy w h`` (or ``class x1 y1 x2 y2 ...``, a polygon: YOLO-seg, whose bounding
+    box is taken and which is kept as the object's COCO ``segmentation`` in pixels, so that a masks
+    model trains on it), normalised to [0, 1]. A class index out of range or a coordinate outside [0, 1] is a
     UsageError naming file and line, or dropped and counted under ``skip_invalid``. An image
     without a label file has no objects.
     """
@@ -203,7 +204,7 @@ def yolo_to_coco(image_dir: Path, names: list[str], skip_invalid: bool = False) 
             if not line.strip():
                 continue
             try:
-                category, x0, y0, x1, y1 = _yolo_box(line, len(names))
+                category, x0, y0, x1, y1, polygon = _yolo_box(line, len(names))
             except ValueError as e:
                 if not skip_invalid:
                     raise UsageError(f"{labels}:{number}: {e} (line {line.strip()!r}); fix the label, or set "
@@ -211,14 +212,18 @@ def yolo_to_coco(image_dir: Path, names: list[str], skip_invalid: bool = False) 
                 skipped["invalid YOLO label"] = skipped.get("invalid YOLO label", 0) + 1
                 continue
             box = [x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height]
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category + 1,
-                                "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+            annotation = {"id": len(annotations) + 1, "image_id": image_id, "category_id": category + 1,
+                          "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
+            if polygon is not None:
+                annotation["segmentation"] = [[v * (height if i % 2 else width) for i, v in enumerate(polygon)]]
+            annotations.append(annotation)
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(names)]
     return {"images": images, "annotations": annotations, "categories": categories}, skipped
 
 
-def _yolo_box(line: str, classes: int) -> tuple[int, float, float, float, float]:
-    """(class, x0, y0, x1, y1) normalised, from one label line; ValueError says what is wrong."""
+def _yolo_box(line: str, classes: int) -> tuple[int, float, float, float, float, list[float] | None]:
+    """(class, x0, y0, x1, y1, polygon or None) normalised and clipped to [0, 1], from one label line;
+    ValueError says what is wrong."""
     fields = line.split()
     try:
         category, values = float(fields[0]), [float(v) for v in fields[1:]]
@@ -241,7 +246,8 @@ def _yolo_box(line: str, classes: int) -> tuple[int, float, float, float, float]
     x0, y0, x1, y1 = (min(max(v, 0.0), 1.0) for v in corners)
     if x1 <= x0 or y1 <= y0:
         raise ValueError("the box has no area")
-    return int(category), x0, y0, x1, y1
+    polygon = [min(max(v, 0.0), 1.0) for v in values] if len(values) != 4 else None
+    return int(category), x0, y0, x1, y1, polygon
 
 
 # ----------------------------------------------------------------------------------------------

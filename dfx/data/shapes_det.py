@@ -72,6 +72,13 @@ def generate_shapes_det(folder: Path, seed: int = 0, train_images: int = 2000, v
 
 def scene(rng: np.random.Generator, empty: bool = False) -> tuple[np.ndarray, list[tuple[int, list[float], int]]]:
     """One image uint8 [SIZE, SIZE, 3] and its objects ``(category_id, [x, y, w, h], area)``."""
+    pixels, objects, _ = scene_with_owner(rng, empty)
+    return pixels, objects
+
+
+def scene_with_owner(rng: np.random.Generator, empty: bool = False):
+    """:func:`scene` and its owner map int16 [SIZE, SIZE]: 0 where the background shows, i + 1 where
+    object i (in the order of ``objects``) is the one on top (its visible pixels)."""
     # textured at half size and upsampled: a third of the cost, and the pixel noise turns into grain
     image = Image.fromarray(textured_background(rng, SIZE // 2, SIZE // 2, brightness=(20, 140)))
     image = image.resize((SIZE, SIZE), Image.BILINEAR)
@@ -99,7 +106,7 @@ def scene(rng: np.random.Generator, empty: bool = False) -> tuple[np.ndarray, li
         visible.append(area)
         colours.append(colour)
         objects.append((CATEGORY_IDS[kind], box_of(shape_polygon(CLASSES[kind], cx, cy, radius, angle)), area))
-    return np.asarray(image), objects
+    return np.asarray(image), objects, owner
 
 
 def place(rng, kind, radius, angle, owner, full, visible):

@@ -120,6 +120,12 @@ class DetectorConfig:
     # MaskDINO: the decoder's first reference boxes are the selected proposals' mask boxes; mask2box: last
     # pixel inclusive (torchvision masks_to_boxes), bitmask: exclusive (detectron2 BitMasks); no: their boxes
     initialize_box_type: Literal["no", "mask2box", "bitmask"] = "no"
+    # MaskDINO's dn "seg": the denoising queries predict masks and learn them too; false: its "standard"
+    # (boxes and labels only)
+    dn_masks: bool = True
+    # MaskDINO: the class head reads the decoder norm of each layer's output, as the mask embedding does
+    # (a second pass of the one norm), and classifies the selected proposals from their normed tokens
+    class_norm: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the field for inconsistent settings."""
@@ -150,6 +156,9 @@ class DetectorConfig:
             raise ValueError("encoder_loss selected scores the two-stage proposals: set two_stage: true")
         if self.masks and not self.two_stage:
             raise ValueError("masks: MaskDINO predicts masks of DINO's selected queries: set two_stage: true")
+        if self.class_norm and not (self.masks and self.decoder_norm and self.encoder_loss == "selected"):
+            raise ValueError("class_norm is MaskDINO's class path: set masks: true, decoder_norm: true and "
+                             "encoder_loss: selected")
         if self.initialize_box_type != "no" and not (self.masks and self.encoder_loss == "selected"
                                                      and self.query_position == "per_layer"):
             raise ValueError("initialize_box_type boxes the selected proposals' masks: set masks: true, "
@@ -369,7 +378,10 @@ class DeformableDETR(nn.Module):
         mask_features = self.mask_head.pixel_embedding(stage4, encoded8)
         enc = out.get("enc_outputs", {})
         if "tokens" in enc:
-            enc["pred_masks"] = self.mask_head((self.decoder.norm or nn.Identity())(enc.pop("tokens")), mask_features)
+            tokens = (self.decoder.norm or nn.Identity())(enc.pop("tokens"))
+            enc["pred_masks"] = self.mask_head(tokens, mask_features)
+            if self.config.class_norm:  # MaskDINO classifies the selected proposals from their normed tokens
+                enc["pred_logits"] = self._class_logits(0, tokens)
         return mask_features
 
     def _add_masks(self, mask_features: Tensor, content: Tensor, reference: Tensor, states: list[Tensor],
@@ -429,12 +441,14 @@ class DeformableDETR(nn.Module):
         states, boxes = self.decoder(content, query_pos, reference, memory, shapes, valid_ratios, flat_mask,
                                      self._box_delta, groups, masked=self.config.hybrid_attention == "masked",
                                      attn_mask=attn_mask)
-        layers = [{"pred_logits": self._class_logits(i, s), "pred_boxes": b}
+        class_input = self.decoder.norm if self.config.class_norm else (lambda state: state)
+        layers = [{"pred_logits": self._class_logits(i, class_input(s)), "pred_boxes": b}
                   for i, (s, b) in enumerate(zip(states, boxes))]
         if self.mask_head is not None:
             layers = self._add_masks(mask_features, content, reference, states, layers)
         if dn is not None:
-            denoised = [{k: v[:, : dn.size] for k, v in layer.items()} for layer in layers]
+            denoised = [{k: v[:, : dn.size] for k, v in layer.items() if k != "pred_masks" or self.config.dn_masks}
+                        for layer in layers]
             out["dn"] = {**denoised[-1], "aux_outputs": denoised[:-1], "groups": dn.groups, "group_size": dn.group_size}
             layers = [{k: v[:, dn.size :] for k, v in layer.items()} for layer in layers]
         one2one_layers = [{k: v[:, :one2one] for k, v in layer.items()} for layer in layers]
