@@ -1,0 +1,94 @@
+"""Keypoints: the per-keypoint OKS sigmas, left/right flip pairs and the object keypoint similarity.
+
+OKS (COCO's keypoint similarity) of a predicted pose ``d`` against a ground-truth pose ``g`` with
+area ``s`` and per-keypoint sigmas ``σ``:
+
+    OKS = Σ_i [v_i > 0] exp(-d_i² / (2 s (2σ_i)²)) / Σ_i [v_i > 0]
+
+where ``d_i`` is the distance of keypoint ``i`` and ``v_i`` its ground-truth visibility (0: not
+labelled, 1: labelled but occluded, 2: visible). This is what pycocotools' ``computeOks`` computes
+for a ground truth with at least one labelled keypoint.
+
+Sigmas: COCO's 17 person keypoints have pycocotools' constants (:data:`COCO_SIGMAS`). Another
+skeleton's sigmas come from the recipe (``data.sigmas``), or the annotation file's category
+(``"sigmas": [...]``, one per keypoint name); :func:`resolve_sigmas` picks them in that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+                  "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
+                  "right_knee", "left_ankle", "right_ankle")
+# pycocotools' kpt_oks_sigmas for the 17 COCO person keypoints, in COCO_KEYPOINTS order
+COCO_SIGMAS = tuple(v / 10.0 for v in (.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87,
+                                       .89, .89))
+
+
+def resolve_sigmas(count: int, given: Sequence[float] | None = None, category: dict | None = None,
+                   where: str = "keypoints") -> tuple[float, ...]:
+    """The ``count`` per-keypoint OKS sigmas: ``given`` (the recipe's / the command line's), else the
+    annotation category's ``sigmas``, else COCO's 17 when ``count`` is 17. A ValueError names the
+    mismatch and the fix otherwise."""
+    for source, values in (("the given sigmas", given), ("the category's sigmas", (category or {}).get("sigmas"))):
+        if values is None:
+            continue
+        values = tuple(float(v) for v in values)
+        if len(values) != count:
+            raise ValueError(f"{where}: {source} hold {len(values)} values for {count} keypoints; give one "
+                             "sigma per keypoint")
+        if not all(np.isfinite(v) and v > 0 for v in values):
+            raise ValueError(f"{where}: {source} must be positive numbers, got {list(values)}")
+        return values
+    if count == len(COCO_SIGMAS):
+        return COCO_SIGMAS
+    raise ValueError(f"{where}: {count} keypoints per instance, and no sigmas for them: OKS needs one sigma per "
+                     "keypoint (COCO's are for its 17 person keypoints); set data.sigmas in the recipe, "
+                     "--sigmas on the command line, or \"sigmas\": [...] in the annotations' category")
+
+
+def flip_permutation(names: Sequence[str], flip_pairs: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """The index map that a horizontal flip applies to keypoints: keypoint ``i`` of the flipped image
+    is keypoint ``perm[i]`` of the original. ``flip_pairs`` (index pairs) when given, else the pairs
+    of names that differ only by ``left``/``right`` (``left_eye`` <-> ``right_eye``)."""
+    perm = list(range(len(names)))
+    if flip_pairs is None:
+        index = {name: i for i, name in enumerate(names)}
+        flip_pairs = []
+        for i, name in enumerate(names):
+            if "left" in name:
+                other = index.get(name.replace("left", "right"))
+                if other is not None:
+                    flip_pairs.append((i, other))
+    for a, b in flip_pairs:
+        a, b = int(a), int(b)
+        if not (0 <= a < len(names) and 0 <= b < len(names)):
+            raise ValueError(f"flip_pairs: ({a}, {b}) is outside the {len(names)} keypoints")
+        perm[a], perm[b] = b, a
+    return perm
+
+
+def oks(predicted, truth, visibility, area, sigmas):
+    """Object keypoint similarity between every prediction and every ground truth (torch or numpy).
+
+    ``predicted`` [N, K, 2], ``truth`` [M, K, 2], ``visibility`` [M, K] (> 0: labelled), ``area`` [M],
+    ``sigmas`` [K]. Returns [N, M]. A ground truth without labelled keypoints scores 0 (pycocotools
+    instead measures the distance to its box; such instances carry no keypoint loss in training).
+    """
+    import torch
+
+    as_numpy = isinstance(predicted, np.ndarray)
+    predicted, truth, visibility, area, sigmas = (torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v,
+                                                                  dtype=torch.float64 if as_numpy else None)
+                                                  for v in (predicted, truth, visibility, area, sigmas))
+    dtype = predicted.dtype
+    truth, visibility, area, sigmas = (v.to(dtype) for v in (truth, visibility, area, sigmas))
+    squared = ((predicted[:, None] - truth[None]) ** 2).sum(-1)  # [N, M, K]
+    variances = (2 * sigmas) ** 2
+    e = squared / variances / (area[None, :, None] + np.spacing(1)) / 2
+    labelled = (visibility > 0).to(dtype)[None]  # [1, M, K]
+    value = (torch.exp(-e) * labelled).sum(-1) / labelled.sum(-1).clamp(min=1)
+    return value.numpy() if as_numpy else value
