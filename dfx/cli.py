@@ -447,6 +447,11 @@ def _show_data_report(report: dict) -> None:
         table.add_row(name, *(str(report["splits"][s]["boxes_per_class"].get(name, 0)) for s in splits))
     table.add_row("[bold]boxes", *(str(report["splits"][s]["boxes"]) for s in splits))
     table.add_row("[bold]images", *(str(report["splits"][s]["images"]) for s in splits))
+    if any("keypoints" in report["splits"][s] for s in splits):  # pose data: labelled keypoints and visibility
+        points = [report["splits"][s].get("keypoints") or {} for s in splits]
+        table.add_row("[bold]keypoints / instance", *(str(p.get("per_instance", "-")) for p in points))
+        table.add_row("[bold]visibility 0 / 1 / 2", *(" / ".join(str(v) for v in p["visibility"].values())
+                                                      if p else "-" for p in points))
     table.add_row("[bold]image sizes", *(", ".join(f"{k} ({n})" for k, n in report["splits"][s]["image_sizes"].items())
                                          for s in splits))
     out.print(table)

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from dfx.data.cache import ensure_dataset
 from dfx.data.shapes import CLS_SHAPES, contrasting_colour, draw_shape, place_apart, shape_polygon, textured_background
 from dfx.data.shapes_det import SHAPES_DET_VERSION, generate_shapes_det
+from dfx.data.shapes_pose import SHAPES_POSE_VERSION, generate_shapes_pose
 from dfx.data.shapes_rgbd import SHAPES_DEPTH_VERSION, SHAPES_RGBD_VERSION, generate_shapes_depth, generate_shapes_rgbd
 
 SHAPES_CLS_VERSION = 2
@@ -106,6 +107,7 @@ EMBEDDED = {
     "shapes-seg": (f"shapes-seg-v{SHAPES_SEG_VERSION}", generate_shapes_seg),
     "shapes-rgbd": (f"shapes-rgbd-v{SHAPES_RGBD_VERSION}", generate_shapes_rgbd),
     "shapes-det": (f"shapes-det-v{SHAPES_DET_VERSION}", generate_shapes_det),
+    "shapes-pose": (f"shapes-pose-v{SHAPES_POSE_VERSION}", generate_shapes_pose),
     "shapes-depth": (f"shapes-depth-v{SHAPES_DEPTH_VERSION}", generate_shapes_depth),
 }
 

@@ -92,3 +92,35 @@ def oks(predicted, truth, visibility, area, sigmas):
     labelled = (visibility > 0).to(dtype)[None]  # [1, M, K]
     value = (torch.exp(-e) * labelled).sum(-1) / labelled.sum(-1).clamp(min=1)
     return value.numpy() if as_numpy else value
+
+
+def keypoint_summary(annotations: list[dict], categories: list[dict]) -> dict | None:
+    """What ``dfx data check`` reports of a split's keypoints, or None when no category has any:
+    ``{"keypoints": names, "instances": N, "per_instance": mean labelled (v > 0) per non-crowd instance,
+    "visibility": {"0": n, "1": n, "2": n} over every keypoint slot, "without_keypoints": instances
+    with none labelled, "wrong_length": annotations whose list is not 3 x K}``."""
+    named = [c for c in categories if c.get("keypoints")]
+    if not named:
+        return None
+    k = len(named[0]["keypoints"])
+    ids = {c["id"] for c in named}
+    visibility = {"0": 0, "1": 0, "2": 0}
+    labelled, instances, without, wrong = 0, 0, 0, []
+    for ann in annotations:
+        if ann.get("iscrowd", 0) or ann.get("category_id") not in ids:
+            continue
+        values = ann.get("keypoints") or [0] * (3 * k)
+        if len(values) != 3 * k:
+            wrong.append(ann.get("id"))
+            continue
+        instances += 1
+        count = 0
+        for v in values[2::3]:
+            key = str(int(v)) if v in (0, 1, 2) else "0"
+            visibility[key] += 1
+            count += v > 0
+        labelled += count
+        without += count == 0
+    return {"keypoints": list(named[0]["keypoints"]), "instances": instances,
+            "per_instance": round(labelled / instances, 3) if instances else 0.0, "visibility": visibility,
+            "without_keypoints": without, "wrong_length": wrong}
