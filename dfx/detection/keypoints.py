@@ -1,0 +1,179 @@
+"""ED-Pose's keypoint branch as a head of the one detector: human queries, then keypoint queries.
+
+ED-Pose (Yang et al., ICLR 2023) is a DINO whose decoder works in two stages:
+
+1. **Human stage** (the first ``box_layers`` decoder layers): the selected queries are refined as
+   boxes, exactly as DINO's.
+2. **Expansion** (after the last human layer): the ``groups`` queries with the highest class logit
+   are kept; each becomes a group of ``1 + K`` queries: the human query itself, and one query per
+   keypoint whose content is the human's plus a learned keypoint embedding. A keypoint query's
+   reference is a small box: its centre is the human box's centre moved by the pose head's offset
+   (in inverse-sigmoid space), its size a learned share (sigmoid) of the human box's size. The
+   expansion reads the pose head of the *last* layer for COCO's 17 keypoints (that skeleton has one
+   pose head more than keypoint layers) and of the first keypoint layer for other skeletons, as
+   ED-Pose does.
+3. **Keypoint stage** (the remaining layers): self-attention within each group, and among all the
+   human queries (:func:`pose_attention_mask`); human boxes are refined by the box heads, keypoint
+   boxes by the pose heads (centre) and the one shared pose size head (size). A layer's keypoints
+   are the centres of its refined keypoint boxes.
+
+Layout: batch first, ``[B, groups * (1 + K), C]`` with each group's human query first (ED-Pose keeps
+queries first and flattens the same way, so query ``g * (1 + K)`` is group g's human).
+
+Matching in the keypoint stage (:func:`pose_cost`) is ED-Pose's: the focal class cost (2) plus the
+visibility-weighted L1 distance of the normalised keypoints (10) plus 1 - OKS (4), box costs off;
+the losses (:func:`pose_losses`) are the same L1 (weight 10) and the linear OKS loss 1 - OKS (4),
+summed over matched humans and divided by the number of targets. OKS uses the dataset's sigmas and
+an area in normalised units (the target's ``area`` when given, else 0.53 x its box).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from dfx.detection.transformer import INVERSE_SIGMOID_EPS, MLP, inverse_sigmoid
+
+COST_CLASS, COST_KEYPOINTS, COST_OKS = 2.0, 10.0, 4.0  # ED-Pose's set_cost_* (box costs 0 in the keypoint stage)
+LOSS_KEYPOINTS, LOSS_OKS = 10.0, 4.0  # ED-Pose's keypoints_loss_coef, oks_loss_coef
+BOX_AREA_SHARE = 0.53  # a person's area per box area where no area is given
+_LOG_EPS = 1e-8
+
+
+class KeypointHead(nn.Module):
+    """The keypoint embeddings and pose heads of ED-Pose (see the module docstring).
+
+    ``keypoint_layers``: decoder layers after the expansion (decoder layers - human layers).
+    """
+
+    def __init__(self, dim: int, num_keypoints: int, groups: int, keypoint_layers: int,
+                 eps: float = INVERSE_SIGMOID_EPS):
+        super().__init__()
+        if num_keypoints < 1 or groups < 1 or keypoint_layers < 1:
+            raise ValueError(f"keypoints: num_keypoints, groups and keypoint layers must be >= 1, got "
+                             f"{num_keypoints}, {groups}, {keypoint_layers}")
+        self.num_keypoints, self.groups, self.eps = num_keypoints, groups, eps
+        self.keypoint_embed = nn.Embedding(num_keypoints, dim)
+        self.hw = nn.Embedding(num_keypoints, 2)
+        pose = MLP(dim, dim, 2, 3)
+        nn.init.zeros_(pose.layers[-1].weight)
+        nn.init.zeros_(pose.layers[-1].bias)
+        count = keypoint_layers + (num_keypoints == 17)
+        self.pose_heads = nn.ModuleList(copy.deepcopy(pose) for _ in range(count))
+        self.size_head = MLP(dim, dim, 2, 3)  # one module for every keypoint layer, as in ED-Pose
+
+    @property
+    def group_size(self) -> int:
+        return 1 + self.num_keypoints
+
+    def expansion_head(self) -> nn.Module:
+        return self.pose_heads[-1] if self.num_keypoints == 17 else self.pose_heads[0]
+
+    def expand(self, states: Tensor, boxes: Tensor, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The expansion step: states [B, Q, C], refined boxes [B, Q, 4] (cxcywh in [0, 1]) and class
+        logits [B, Q, N] of the last human layer -> (states [B, G(1+K), C], references [B, G(1+K), 4],
+        the kept query indices [B, G])."""
+        keep = torch.topk(logits.max(-1).values, self.groups, dim=1).indices  # [B, G]
+        human = torch.gather(states, 1, keep[..., None].expand(-1, -1, states.shape[-1]))
+        box = torch.gather(boxes, 1, keep[..., None].expand(-1, -1, 4))
+        points = human[:, :, None] + self.keypoint_embed.weight[None, None]  # [B, G, K, C]
+        delta = self.expansion_head()(points)[..., :2]
+        centre = (inverse_sigmoid(box[:, :, None, :2], self.eps) + delta).sigmoid()
+        size = self.hw.weight.sigmoid()[None, None] * box[:, :, None, 2:]
+        references = torch.cat((box[:, :, None], torch.cat((centre, size), -1)), 2).flatten(1, 2)
+        return torch.cat((human[:, :, None], points), 2).flatten(1, 2), references, keep
+
+    def refine(self, layer: int, states: Tensor, references: Tensor, box_delta) -> tuple[Tensor, Tensor, Tensor]:
+        """One keypoint-stage refinement. ``layer``: the index among the keypoint layers; states and
+        references [B, G(1+K), ...] as :meth:`expand` lays them out; ``box_delta(states)`` -> box
+        deltas of human states. Returns (human boxes [B, G, 4], keypoints [B, G, K, 2] (x, y in [0, 1]),
+        the next references [B, G(1+K), 4])."""
+        b, g, k = states.shape[0], self.groups, self.num_keypoints
+        grouped = states.view(b, g, 1 + k, -1)
+        ref = references.view(b, g, 1 + k, 4)
+        human_box = (box_delta(grouped[:, :, 0]) + inverse_sigmoid(ref[:, :, 0], self.eps)).sigmoid()
+        points, point_ref = grouped[:, :, 1:], inverse_sigmoid(ref[:, :, 1:], self.eps)
+        centre = point_ref[..., :2] + self.pose_heads[layer](points)
+        size = point_ref[..., 2:] + self.size_head(points)
+        point_box = torch.cat((centre, size), -1).sigmoid()
+        nxt = torch.cat((human_box[:, :, None], point_box), 2).flatten(1, 2)
+        return human_box, point_box[..., :2], nxt
+
+
+def pose_attention_mask(groups: int, num_keypoints: int, device=None) -> Tensor:
+    """ED-Pose's self-attention mask after the expansion, [G(1+K), G(1+K)] bool (True: may not
+    attend): every query attends within its own group; human queries also attend to every other
+    group's human query."""
+    size = 1 + num_keypoints
+    group = torch.arange(groups * size, device=device) // size
+    blocked = group[:, None] != group[None, :]
+    human = torch.arange(groups * size, device=device) % size == 0
+    blocked[human[:, None] & human[None, :]] = False
+    return blocked
+
+
+def _oks(points: Tensor, target: Tensor, visible: Tensor, area: Tensor, sigmas: Tensor, pairwise: bool) -> Tensor:
+    """OKS as ED-Pose's matcher and loss compute it (normalised coordinates and area; 1e-6 in the
+    denominator): pairwise [P, T] or matched [P] (points [P, K, 2], target [T|P, K, 2])."""
+    if pairwise:
+        squared = ((points[:, None] - target[None]) ** 2).sum(-1)  # [P, T, K]
+        variances = (2 * sigmas) ** 2
+        e = torch.exp(-squared / (area[None, :, None] * variances * 2)) * visible[None]
+        return e.sum(-1) / (visible.sum(-1)[None] + 1e-6)
+    squared = ((points - target) ** 2).sum(-1)
+    e = torch.exp(-squared / (area[:, None] * (2 * sigmas) ** 2 * 2)) * visible
+    return e.sum(-1) / (visible.sum(-1) + 1e-6)
+
+
+def target_area(target: dict) -> Tensor:
+    """Normalised areas [n] for OKS: ``area_norm`` when the target has it, else 0.53 x the box."""
+    if "area_norm" in target:
+        return target["area_norm"]
+    boxes = target["boxes"]
+    return BOX_AREA_SHARE * boxes[:, 2] * boxes[:, 3]
+
+
+def pose_cost(logits: Tensor, keypoints: Tensor, labels: Tensor, target_keypoints: Tensor, area: Tensor,
+              sigmas: Tensor, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+              weights: tuple[float, float, float] = (COST_CLASS, COST_KEYPOINTS, COST_OKS)) -> Tensor:
+    """ED-Pose's keypoint-stage matching cost [P, T]: logits [P, N], keypoints [P, K, 2] (normalised),
+    labels [T], target_keypoints [T, K, 3] (normalised x, y, visibility), area [T] (normalised),
+    sigmas [K]. ``weights``: (class, keypoint L1, 1 - OKS)."""
+    prob = logits.sigmoid()[:, labels]
+    positive = focal_alpha * (1 - prob) ** focal_gamma * -(prob + _LOG_EPS).log()
+    negative = (1 - focal_alpha) * prob ** focal_gamma * -(1 - prob + _LOG_EPS).log()
+    visible = (target_keypoints[..., 2] > 0).to(keypoints.dtype)  # [T, K]
+    truth = target_keypoints[..., :2]
+    l1 = ((keypoints[:, None] - truth[None]).abs().sum(-1) * visible[None]).sum(-1)
+    oks = _oks(keypoints, truth, visible, area, sigmas, pairwise=True).clamp(min=1e-6)
+    return weights[0] * (positive - negative) + weights[1] * l1 + weights[2] * (1 - oks)
+
+
+def pose_losses(keypoints: Tensor, target_keypoints: Tensor, area: Tensor, sigmas: Tensor,
+                num_boxes: float) -> dict[str, Tensor]:
+    """ED-Pose's keypoint losses of matched pairs (keypoints [P, K, 2], target_keypoints [P, K, 3],
+    area [P]), unweighted: ``loss_keypoints`` (visibility-weighted L1) and ``loss_oks`` (1 - OKS),
+    each summed and divided by ``num_boxes``."""
+    if keypoints.shape[0] == 0:
+        zero = keypoints.sum() * 0
+        return {"loss_keypoints": zero, "loss_oks": zero.clone()}
+    visible = (target_keypoints[..., 2] > 0).to(keypoints.dtype)
+    truth = target_keypoints[..., :2]
+    l1 = ((keypoints - truth).abs() * visible[..., None]).sum()
+    oks = _oks(keypoints, truth, visible, area, sigmas, pairwise=False)
+    return {"loss_keypoints": l1 / num_boxes, "loss_oks": (1 - oks).sum() / num_boxes}
+
+
+def keypoint_results(image_ids, keypoints, scores, category_id: int) -> list[dict]:
+    """COCO keypoint results: per image, keypoints [D, K, 2] in pixels and scores [D] ->
+    ``{"image_id", "category_id", "keypoints": [x, y, 1] * K, "score"}`` (v=1: predicted)."""
+    out = []
+    for image_id, points, image_scores in zip(image_ids, keypoints, scores):
+        points = torch.as_tensor(points, dtype=torch.float64).cpu()
+        for pose, score in zip(points, torch.as_tensor(image_scores).cpu().tolist()):
+            flat = torch.cat((pose, torch.ones(len(pose), 1, dtype=pose.dtype)), 1).flatten()
+            out.append({"image_id": int(image_id), "category_id": int(category_id),
+                        "keypoints": [round(v, 2) for v in flat.tolist()], "score": float(score)})
+    return out
