@@ -191,3 +191,50 @@ def test_ground_truth_keypoint_results_score_ap_one():
     assert stats["AP"] == pytest.approx(1.0)
     moved = keypoint_results([1, 2, 3], [p + 6 for p in poses], [torch.ones(3)] * 3, category_id=1)
     assert evaluate_coco(coco, moved, per_class=False, iou_type="keypoints", sigmas=sigmas)["AP"] < 0.9
+
+
+def tiny_pose_detector(one2many=0):
+    from dfx.detection.detector import DeformableDETR, DetectorConfig
+
+    torch.manual_seed(0)
+    config = DetectorConfig(num_classes=1, backbone="resnet18", pretrained=None, frozen_bn=False,
+                            backbone_kwargs={"channels": [16, 32, 64, 128]}, dim=32, heads=4, encoder_layers=1,
+                            decoder_layers=4, ffn_dim=64, one2one_queries=12, one2many_queries=one2many,
+                            two_stage=True, box_refine=True, look_forward_twice=True, query_position="per_layer",
+                            decoder_norm=True, two_stage_scoring="class_aware", encoder_loss="selected",
+                            inverse_sigmoid_eps=1e-3, keypoints=4, pose_groups=3, box_layers=2)
+    return DeformableDETR(config)
+
+
+def test_the_detector_with_keypoints_decodes_humans_then_poses_and_trains_every_head():
+    from dfx.detection.criterion import SetCriterion
+
+    model = tiny_pose_detector(one2many=24)
+    targets = [pose_target(2, 4, seed) for seed in range(2)]
+    out = model(torch.randn(2, 3, 64, 96), targets=targets)
+    assert out["pred_keypoints"].shape == (2, 3, 4, 2) and out["pred_logits"].shape == (2, 3, 1)
+    # two human layers (12 queries, no keypoints), then a keypoint layer (3 poses) before the last
+    assert [tuple(a["pred_logits"].shape[:2]) for a in out["aux_outputs"]] == [(2, 12), (2, 12), (2, 3)]
+    assert ["pred_keypoints" in a for a in out["aux_outputs"]] == [False, False, True]
+    assert out["one2many"]["pred_keypoints"].shape == (2, 6, 4, 2)  # 3 * 24 // 12 hybrid pose groups
+    criterion = SetCriterion(1, one2many_k=2, keypoint_sigmas=[0.05, 0.06, 0.07, 0.08])
+    loss, logs = criterion(out, targets)
+    assert logs["loss_keypoints"] > 0 and logs["loss_oks"] > 0 and logs["one2many"] > 0
+    loss.backward()
+    head = model.keypoint_head
+    assert head.keypoint_embed.weight.grad.abs().sum() > 0
+    assert all(h.layers[-1].weight.grad.abs().sum() > 0 for h in head.pose_heads)
+    model.eval()
+    with torch.no_grad():
+        inference = model(torch.randn(1, 3, 64, 96))
+    assert "one2many" not in inference and inference["pred_keypoints"].shape == (1, 3, 4, 2)
+
+
+def test_keypoints_need_dinos_decoder():
+    from dfx.detection.detector import DetectorConfig
+
+    with pytest.raises(ValueError, match="ED-Pose is a DINO"):
+        DetectorConfig(num_classes=1, keypoints=17).validate()
+    with pytest.raises(ValueError, match="pose_groups"):
+        DetectorConfig(num_classes=1, keypoints=17, two_stage=True, box_refine=True, query_position="per_layer",
+                       one2one_queries=50, pose_groups=100).validate()

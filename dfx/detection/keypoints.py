@@ -71,11 +71,12 @@ class KeypointHead(nn.Module):
     def expansion_head(self) -> nn.Module:
         return self.pose_heads[-1] if self.num_keypoints == 17 else self.pose_heads[0]
 
-    def expand(self, states: Tensor, boxes: Tensor, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def expand(self, states: Tensor, boxes: Tensor, logits: Tensor, groups: int | None = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
         """The expansion step: states [B, Q, C], refined boxes [B, Q, 4] (cxcywh in [0, 1]) and class
         logits [B, Q, N] of the last human layer -> (states [B, G(1+K), C], references [B, G(1+K), 4],
-        the kept query indices [B, G])."""
-        keep = torch.topk(logits.max(-1).values, self.groups, dim=1).indices  # [B, G]
+        the kept query indices [B, G]); G: ``groups`` (default the head's)."""
+        keep = torch.topk(logits.max(-1).values, groups or self.groups, dim=1).indices  # [B, G]
         human = torch.gather(states, 1, keep[..., None].expand(-1, -1, states.shape[-1]))
         box = torch.gather(boxes, 1, keep[..., None].expand(-1, -1, 4))
         points = human[:, :, None] + self.keypoint_embed.weight[None, None]  # [B, G, K, C]
@@ -90,7 +91,8 @@ class KeypointHead(nn.Module):
         references [B, G(1+K), ...] as :meth:`expand` lays them out; ``box_delta(states)`` -> box
         deltas of human states. Returns (human boxes [B, G, 4], keypoints [B, G, K, 2] (x, y in [0, 1]),
         the next references [B, G(1+K), 4])."""
-        b, g, k = states.shape[0], self.groups, self.num_keypoints
+        k = self.num_keypoints
+        b, g = states.shape[0], states.shape[1] // (1 + k)
         grouped = states.view(b, g, 1 + k, -1)
         ref = references.view(b, g, 1 + k, 4)
         human_box = (box_delta(grouped[:, :, 0]) + inverse_sigmoid(ref[:, :, 0], self.eps)).sigmoid()
@@ -100,6 +102,74 @@ class KeypointHead(nn.Module):
         point_box = torch.cat((centre, size), -1).sigmoid()
         nxt = torch.cat((human_box[:, :, None], point_box), 2).flatten(1, 2)
         return human_box, point_box[..., :2], nxt
+
+
+def pose_decode(decoder, head: KeypointHead, box_layers: int, tgt: Tensor, reference: Tensor, memory: Tensor,
+                shapes, valid_ratios: Tensor, memory_mask: Tensor, box_delta, class_logits, groups: list[int],
+                expanded: list[int]) -> list[list[dict]]:
+    """Run ``decoder``'s layers as ED-Pose does: ``box_layers`` human layers over the query groups
+    ``groups`` (sizes; each attends within itself), the expansion of each group into ``expanded[i]``
+    pose groups, then the keypoint layers under :func:`pose_attention_mask` (per query group, the
+    query groups blind to each other). ``decoder``: a DINO :class:`~dfx.detection.transformer.Decoder`
+    (per-layer positional queries, box refinement); ``box_delta(layer, states)``,
+    ``class_logits(layer, states)``: the detector's heads.
+
+    Returns per query group the per-layer predictions: human layers {"pred_logits" [B, Q, N],
+    "pred_boxes"}; keypoint layers {"pred_logits" [B, G, N], "pred_boxes" [B, G, 4],
+    "pred_keypoints" [B, G, K, 2]} of the human queries. A layer's predictions are built on its
+    input reference with the gradient of the refinement that made it (look forward twice); the
+    next layer samples at the detached refinement, from the un-normalised output.
+    """
+    from dfx.detection.transformer import _refine
+
+    if decoder.ref_point_head is None or not decoder.box_refine:
+        raise ValueError("keypoints: ED-Pose decodes with DINO's decoder: set query_position: per_layer and "
+                         "box_refine: true")
+    if not 0 < box_layers < len(decoder.layers):
+        raise ValueError(f"keypoints: box_layers must be between 1 and decoder_layers - 1 "
+                         f"({len(decoder.layers) - 1}), got {box_layers}")
+    norm = decoder.norm or nn.Identity()
+    k = head.num_keypoints
+    outputs: list[list[dict]] = [[] for _ in groups]
+    sampling_ref, prediction_ref = reference, reference
+    mask, sizes = None, list(groups)
+    for index, layer in enumerate(decoder.layers):
+        scale = valid_ratios if sampling_ref.shape[-1] == 2 else torch.cat((valid_ratios, valid_ratios), -1)
+        scaled = sampling_ref[:, :, None] * scale[:, None]
+        query_pos = decoder.box_position(scaled[:, :, 0])
+        tgt = layer(tgt, query_pos, scaled, memory, shapes, memory_mask, sizes, mask)
+        state = norm(tgt)
+        if index < box_layers:  # the human stage: DINO's layer
+            delta = box_delta(index, state)
+            boxes = _refine(prediction_ref, delta, decoder.eps)
+            logits = class_logits(index, state)
+            for out, b, l in zip(outputs, boxes.split(sizes, 1), logits.split(sizes, 1)):
+                out.append({"pred_logits": l, "pred_boxes": b})
+            refined = _refine(sampling_ref, delta if decoder.norm is None else box_delta(index, tgt), decoder.eps)
+            if index == box_layers - 1:  # the expansion, per query group, from the un-normalised output
+                parts = [head.expand(t, r, class_logits(index, t), g)[:2] for t, r, g in
+                         zip(tgt.split(sizes, 1), refined.split(sizes, 1), expanded)]
+                tgt = torch.cat([t for t, _ in parts], 1)
+                refined = torch.cat([r for _, r in parts], 1)
+                sizes = [g * (1 + k) for g in expanded]
+                mask = torch.block_diag(*[~pose_attention_mask(g, k, tgt.device) for g in expanded])
+                mask = ~mask  # True: may not attend (other query groups included)
+            sampling_ref = refined.detach()
+            prediction_ref = refined if decoder.look_forward_twice else sampling_ref
+            continue
+        j = index - box_layers
+        step = lambda states: box_delta(index, states)  # noqa: E731
+        nexts = []
+        for out, s, t, p, r in zip(outputs, state.split(sizes, 1), tgt.split(sizes, 1),
+                                   prediction_ref.split(sizes, 1), sampling_ref.split(sizes, 1)):
+            boxes, points, _ = head.refine(j, s, p, step)
+            out.append({"pred_logits": class_logits(index, s[:, 0 :: 1 + k]), "pred_boxes": boxes,
+                        "pred_keypoints": points})
+            nexts.append(head.refine(j, t, r, step)[2])  # t: the un-normalised output
+        refined = torch.cat(nexts, 1)
+        sampling_ref = refined.detach()
+        prediction_ref = refined if decoder.look_forward_twice else sampling_ref
+    return outputs
 
 
 def pose_attention_mask(groups: int, num_keypoints: int, device=None) -> Tensor:
@@ -176,4 +246,15 @@ def keypoint_results(image_ids, keypoints, scores, category_id: int) -> list[dic
             flat = torch.cat((pose, torch.ones(len(pose), 1, dtype=pose.dtype)), 1).flatten()
             out.append({"image_id": int(image_id), "category_id": int(category_id),
                         "keypoints": [round(v, 2) for v in flat.tolist()], "score": float(score)})
+    return out
+
+
+def detection_keypoints(pred_keypoints: Tensor, detections: list[dict], sizes: Tensor) -> list[Tensor]:
+    """The keypoints of post-processed detections in pixels: pred_keypoints [B, Q, K, 2] (x, y in
+    [0, 1] of the unpadded image), each detection's ``queries`` [D], sizes [B, 2] (height, width) ->
+    per image [D, K, 2]."""
+    out = []
+    for points, found, (height, width) in zip(pred_keypoints, detections, sizes.tolist()):
+        picked = points[found["queries"]]
+        out.append(picked * picked.new_tensor([width, height]))
     return out
