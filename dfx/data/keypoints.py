@@ -27,6 +27,20 @@ COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "lef
 COCO_SIGMAS = tuple(v / 10.0 for v in (.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87,
                                        .89, .89))
 
+# COCO's person skeleton, 0-based pairs of COCO_KEYPOINTS
+COCO_SKELETON = ((15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9),
+                 (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6))
+
+
+def known_skeleton(root: str, count: int) -> tuple[tuple[int, int], ...]:
+    """The 0-based skeleton pairs to draw for data ``root`` with ``count`` keypoints: shapes-pose's,
+    COCO's for 17, else none (keypoints drawn as dots)."""
+    if str(root) == "shapes-pose":
+        from dfx.data.shapes_pose import SKELETON
+
+        return tuple((a - 1, b - 1) for a, b in SKELETON)
+    return COCO_SKELETON if count == len(COCO_KEYPOINTS) else ()
+
 
 def resolve_sigmas(count: int, given: Sequence[float] | None = None, category: dict | None = None,
                    where: str = "keypoints") -> tuple[float, ...]:
