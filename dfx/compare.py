@@ -165,7 +165,10 @@ def paired_difference(a: dict[int, float], b: dict[int, float], mode: str = "max
 
 def scale_of(metric: str) -> float:
     """Metrics that are fractions are reported in points (AP 0.452 → 45.2)."""
-    return 100.0 if metric.split("/")[0] in FRACTION_METRICS else 1.0
+    head = metric.split("/")
+    # keypoints/AP, segm/AP: a fraction like AP (AP/<class> too)
+    return 100.0 if head[0] in FRACTION_METRICS or (len(head) > 1 and head[0] in ("keypoints", "segm")
+                                                    and head[1] in FRACTION_METRICS) else 1.0
 
 
 def reading_line(name: str, baseline: str, diff: dict, metric: str) -> str:

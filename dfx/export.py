@@ -55,6 +55,8 @@ class DetectionGraph(nn.Module):
 
     def forward(self, images, mask):
         out = self.model(images, mask)
+        if "pred_keypoints" in out:  # ED-Pose: the poses of the same queries
+            return out["pred_logits"].float(), out["pred_boxes"].float(), out["pred_keypoints"].float()
         return out["pred_logits"].float(), out["pred_boxes"].float()  # float32 even where the exporter promoted
 
 
@@ -158,6 +160,8 @@ def export(weights: str | os.PathLike, *, format: str = "onnx", out: str | os.Pa
     size = _input_size(recipe, image_size)
     names, inputs, source = example_inputs(recipe, size, image, modalities)
     outputs = {"detection": ["pred_logits", "pred_boxes"], "depth": ["depth"]}.get(recipe.task, ["logits"])
+    if recipe.task == "detection" and getattr(recipe.model, "keypoints", 0):
+        outputs = [*outputs, "pred_keypoints"]
     if out is not None and Path(out).suffix == ".onnx":
         check_out_path(Path(out), "an .onnx file")
     path = Path(out) if out is not None and Path(out).suffix == ".onnx" else \

@@ -238,3 +238,9 @@ def test_keypoints_need_dinos_decoder():
     with pytest.raises(ValueError, match="pose_groups"):
         DetectorConfig(num_classes=1, keypoints=17, two_stage=True, box_refine=True, query_position="per_layer",
                        one2one_queries=50, pose_groups=100).validate()
+
+
+def test_the_pose_masks_of_two_query_groups_are_blind_to_each_other():
+    mask = pose_attention_mask([2, 1], 1)  # groups of 2 queries: h0 k0 h1 k1 | h2 k2
+    assert torch.equal(mask[:4, :4], pose_attention_mask(2, 1)) and torch.equal(mask[4:, 4:], pose_attention_mask(1, 1))
+    assert mask[:4, 4:].all() and mask[4:, :4].all()  # not even the human queries see across

@@ -152,8 +152,7 @@ def pose_decode(decoder, head: KeypointHead, box_layers: int, tgt: Tensor, refer
                 tgt = torch.cat([t for t, _ in parts], 1)
                 refined = torch.cat([r for _, r in parts], 1)
                 sizes = [g * (1 + k) for g in expanded]
-                mask = torch.block_diag(*[~pose_attention_mask(g, k, tgt.device) for g in expanded])
-                mask = ~mask  # True: may not attend (other query groups included)
+                mask = pose_attention_mask(expanded, k, tgt.device)
             sampling_ref = refined.detach()
             prediction_ref = refined if decoder.look_forward_twice else sampling_ref
             continue
@@ -172,16 +171,18 @@ def pose_decode(decoder, head: KeypointHead, box_layers: int, tgt: Tensor, refer
     return outputs
 
 
-def pose_attention_mask(groups: int, num_keypoints: int, device=None) -> Tensor:
+def pose_attention_mask(groups: int | list[int], num_keypoints: int, device=None) -> Tensor:
     """ED-Pose's self-attention mask after the expansion, [G(1+K), G(1+K)] bool (True: may not
     attend): every query attends within its own group; human queries also attend to every other
-    group's human query."""
+    group's human query. ``groups`` a list: the pose groups of several query groups (one-to-one,
+    one-to-many) one after the other, each blind to the others."""
     size = 1 + num_keypoints
-    group = torch.arange(groups * size, device=device) // size
-    blocked = group[:, None] != group[None, :]
-    human = torch.arange(groups * size, device=device) % size == 0
-    blocked[human[:, None] & human[None, :]] = False
-    return blocked
+    counts = [groups] if isinstance(groups, int) else list(groups)
+    owner = torch.cat([torch.full((g * size,), i, device=device) for i, g in enumerate(counts)])
+    group = torch.arange(sum(counts) * size, device=device) // size
+    human = torch.arange(sum(counts) * size, device=device) % size == 0
+    together = human[:, None] & human[None, :] & (owner[:, None] == owner[None, :])
+    return (group[:, None] != group[None, :]) & ~together
 
 
 def _oks(points: Tensor, target: Tensor, visible: Tensor, area: Tensor, sigmas: Tensor, pairwise: bool) -> Tensor:
