@@ -12,7 +12,8 @@ annotation's ``segmentation`` (polygons, or RLE compressed or not) decoded by ``
 on the image's pixels. With ``keypoints=True`` (pose) the target also has ``keypoints`` float32
 [N, K, 3] (x, y in absolute pixels, visibility 0/1/2), K from the category's ``keypoints`` names;
 the dataset then knows ``keypoint_names``, ``skeleton`` (0-based pairs), ``flip_perm`` (left <->
-right, from ``flip_pairs`` or the names) and ``sigmas`` (the category's, COCO's for 17, else None). Crowd annotations (iscrowd=1) are not targets; they stay in ``coco`` so that COCOeval ignores
+right, from ``flip_pairs`` or the names) and ``sigmas`` (the category's, COCO's for 17, else None).
+Crowd annotations (iscrowd=1) are not targets; they stay in ``coco`` so that COCOeval ignores
 detections on them as COCO intends.
 """
 

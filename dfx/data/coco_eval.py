@@ -319,7 +319,8 @@ def evaluate_results_file(predictions: str | Path, annotations: str | Path, stri
     stats = evaluate_coco(coco_gt, results, iou_type=iou_type, sigmas=used)
     per_class, missing = stats.pop("per_class"), stats.pop("no_ground_truth")
     extra = {"sigmas": list(used)} if used is not None else {}
-    return {"iou_type": iou_type, **extra, "metrics": {**stats, **{f"AP/{name}": value for name, value in per_class.items()}},
+    metrics = {**stats, **{f"AP/{name}": value for name, value in per_class.items()}}
+    return {"iou_type": iou_type, **extra, "metrics": metrics,
             "no_ground_truth": missing, "detections": len(results), "images": len(coco_gt.imgs),
             "predictions": str(predictions), "annotations": str(annotations)}
 

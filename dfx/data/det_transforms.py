@@ -146,7 +146,8 @@ class DetectionTransform:
             points = points[keep].clone()
             points[..., 0] -= left
             points[..., 1] -= top
-            outside = (points[..., 0] < 0) | (points[..., 0] >= crop_w) | (points[..., 1] < 0) | (points[..., 1] >= crop_h)
+            x, y = points[..., 0], points[..., 1]
+            outside = (x < 0) | (x >= crop_w) | (y < 0) | (y >= crop_h)
             points[outside | (points[..., 2] <= 0)] = 0.0
         # indexing returns a plain tensor; re-wrap so the resize that follows still treats it as boxes
         return image, tv_tensors.wrap(boxes[keep], like=boxes), labels[keep], masks, points

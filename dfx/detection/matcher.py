@@ -104,7 +104,8 @@ class HungarianMatcher(nn.Module):
         keypoint_sigmas=None,
     ):
         super().__init__()
-        self.keypoint_sigmas = None if keypoint_sigmas is None else torch.as_tensor(keypoint_sigmas, dtype=torch.float32)
+        self.keypoint_sigmas = (None if keypoint_sigmas is None else
+                                torch.as_tensor(keypoint_sigmas, dtype=torch.float32))
         settings = SetLossConfig(cost_class=float(cost_class), cost_bbox=float(cost_bbox), cost_giou=float(cost_giou),
                                  focal_alpha=float(focal_alpha), focal_gamma=float(focal_gamma))
         settings.validate()
