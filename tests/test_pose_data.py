@@ -4,6 +4,7 @@ shapes-pose (deterministic, consistent annotations) and dfx data check's keypoin
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,7 +89,8 @@ def test_shapes_pose_is_deterministic_and_its_annotations_fit_the_images(tmp_pat
     generate_shapes_pose(tmp_path / "b", train_images=20, val_images=2)
     a = (tmp_path / "a" / "annotations" / "train.json").read_text()
     assert a == (tmp_path / "b" / "annotations" / "train.json").read_text()
-    assert (tmp_path / "a" / "train" / "000003.png").read_bytes() == (tmp_path / "b" / "train" / "000003.png").read_bytes()
+    image = Path("train") / "000003.png"
+    assert (tmp_path / "a" / image).read_bytes() == (tmp_path / "b" / image).read_bytes()
     data = json.loads(a)
     category = data["categories"][0]
     assert category["keypoints"] == list(KEYPOINTS) and category["sigmas"] == list(SIGMAS)

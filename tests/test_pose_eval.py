@@ -124,7 +124,8 @@ def test_any_keypoint_count_uses_the_categorys_sigmas_or_the_given_ones(tmp_path
 def test_keypoints_without_sigmas_are_refused_with_the_fix(tmp_path):
     annotations = ground_truth(tmp_path, FIVE)  # no sigmas in the category
     code, payload = evaluate(tmp_path, noisy_results(annotations), annotations)
-    assert code == 2 and "5 keypoints per instance, and no sigmas" in payload["error"] and "--sigmas" in payload["error"]
+    assert code == 2 and "5 keypoints per instance, and no sigmas" in payload["error"]
+    assert "--sigmas" in payload["error"]
     code, payload = evaluate(tmp_path, noisy_results(annotations), annotations, "--sigmas", "0.1,0.1")
     assert code == 2 and "2 values for 5 keypoints" in payload["error"]
     code, payload = evaluate(tmp_path, noisy_results(annotations), annotations, "--sigmas", "0.1,x")
@@ -153,7 +154,8 @@ def test_oks_matches_a_direct_computation():
 
 
 def test_resolve_sigmas_and_flip_permutation():
-    assert resolve_sigmas(17) == COCO_SIGMAS and resolve_sigmas(5, category={"sigmas": FIVE_SIGMAS}) == tuple(FIVE_SIGMAS)
+    assert resolve_sigmas(17) == COCO_SIGMAS
+    assert resolve_sigmas(5, category={"sigmas": FIVE_SIGMAS}) == tuple(FIVE_SIGMAS)
     with pytest.raises(ValueError, match="must be positive"):
         resolve_sigmas(2, given=[0.1, -1])
     assert flip_permutation(FIVE) == [0, 2, 1, 4, 3]
