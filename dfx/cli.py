@@ -301,6 +301,16 @@ def train(
     run(work, json_out=json_out, debug=debug, quiet=quiet, show=lambda result: _show_run(result, dry_run))
 
 
+def _sigmas(text: Optional[str]) -> Optional[list]:
+    """--sigmas "0.05,0.06,..." as floats (None when not given)."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--sigmas: {text!r} is not a comma-separated list of numbers (e.g. 0.05,0.06)") from None
+
+
 @app.command("eval")
 def eval_(
     run_or_checkpoint: Optional[Path] = typer.Argument(None, metavar="[RUN_DIR|CHECKPOINT|RECIPE]",
@@ -315,6 +325,9 @@ def eval_(
                                                help="The COCO annotation JSON --predictions are scored against."),
     strict: bool = typer.Option(False, "--strict", help="--predictions: an empty results list is an error (exit 2) "
                                                         "instead of a warning."),
+    sigmas: Optional[str] = typer.Option(None, "--sigmas", metavar="S1,S2,...",
+                                         help="--predictions with keypoints: the per-keypoint OKS sigmas (default: "
+                                              "the annotations' category 'sigmas', else COCO's 17)."),
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
     json_out: JsonOption = False,
@@ -342,7 +355,7 @@ def eval_(
                 raise UsageError("--predictions evaluates a results file: drop the run directory / overrides")
             from dfx.data.coco_eval import evaluate_results_file
 
-            return evaluate_results_file(predictions, annotations, strict)
+            return evaluate_results_file(predictions, annotations, strict, _sigmas(sigmas))
         if run_or_checkpoint is None:
             raise UsageError("dfx eval needs a run directory or checkpoint, or --predictions FILE --annotations FILE")
         from dfx.engine import evaluate_checkpoint
@@ -434,6 +447,11 @@ def _show_data_report(report: dict) -> None:
         table.add_row(name, *(str(report["splits"][s]["boxes_per_class"].get(name, 0)) for s in splits))
     table.add_row("[bold]boxes", *(str(report["splits"][s]["boxes"]) for s in splits))
     table.add_row("[bold]images", *(str(report["splits"][s]["images"]) for s in splits))
+    if any("keypoints" in report["splits"][s] for s in splits):  # pose data: labelled keypoints and visibility
+        points = [report["splits"][s].get("keypoints") or {} for s in splits]
+        table.add_row("[bold]keypoints / instance", *(str(p.get("per_instance", "-")) for p in points))
+        table.add_row("[bold]visibility 0 / 1 / 2", *(" / ".join(str(v) for v in p["visibility"].values())
+                                                      if p else "-" for p in points))
     table.add_row("[bold]image sizes", *(", ".join(f"{k} ({n})" for k, n in report["splits"][s]["image_sizes"].items())
                                          for s in splits))
     out.print(table)

@@ -164,9 +164,10 @@ def paired_difference(a: dict[int, float], b: dict[int, float], mode: str = "max
 
 
 def scale_of(metric: str) -> float:
-    """Metrics that are fractions are reported in points (AP 0.452 → 45.2; mask AP ``segm/AP`` too)."""
+    """Metrics that are fractions are reported in points (AP 0.452 → 45.2; mask AP ``segm/AP`` and
+    keypoint AP ``keypoints/AP`` too, per class as well)."""
     parts = metric.split("/")
-    name = parts[1] if parts[0] == "segm" and len(parts) > 1 else parts[0]
+    name = parts[1] if parts[0] in ("segm", "keypoints") and len(parts) > 1 else parts[0]
     return 100.0 if name in FRACTION_METRICS else 1.0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from dfx.data.coco import MISSING_IMAGE, UNREADABLE_IMAGE, CocoDetection, first
 from dfx.data.formats import SPLITS, DetectionData
 from dfx.data.images import image_problem, image_size
+from dfx.data.keypoints import keypoint_summary
 from dfx.engine.progress import track
 from dfx.errors import UsageError
 
@@ -165,6 +166,14 @@ def _split_report(split: str, dataset: CocoDetection, converted: dict, decode: b
              "boxes_per_class": {name: per_class[name] for name in dataset.classes},
              "image_sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common(5)},
              "image_dir": str(dataset.image_dir), "annotations": str(dataset.ann_file)}
+    points = keypoint_summary(coco.dataset["annotations"], coco.dataset["categories"])
+    if points is not None:
+        stats["keypoints"] = points
+        if points["wrong_length"]:
+            problems.append(_problem(split, "keypoints", len(points["wrong_length"]),
+                                     f"{len(points['wrong_length'])} annotations hold a keypoints list that is not "
+                                     f"3 x {len(points['keypoints'])} numbers (ids {first(points['wrong_length'])})",
+                                     fatal=False))
     return stats, problems
 
 

@@ -56,7 +56,7 @@ class DetectionGraph(nn.Module):
 
     def forward(self, images, mask):
         out = self.model(images, mask)
-        names = ("pred_logits", "pred_boxes", "pred_masks") if "pred_masks" in out else ("pred_logits", "pred_boxes")
+        names = [name for name in ("pred_logits", "pred_boxes", "pred_masks", "pred_keypoints") if name in out]
         return tuple(out[name].float() for name in names)  # float32 even where the exporter promoted
 
 
@@ -164,6 +164,8 @@ def export(weights: str | os.PathLike, *, format: str = "onnx", out: str | os.Pa
                "translation": ["image"]}.get(recipe.task, ["logits"])
     if recipe.task == "detection" and recipe.model.masks:
         outputs.append("pred_masks")
+    if recipe.task == "detection" and getattr(recipe.model, "keypoints", 0):
+        outputs.append("pred_keypoints")
     if out is not None and Path(out).suffix == ".onnx":
         check_out_path(Path(out), "an .onnx file")
     path = Path(out) if out is not None and Path(out).suffix == ".onnx" else \

@@ -203,6 +203,11 @@ class DetectionPredictor(Predictor):
                                                       sizes)
             for d, m, s in zip(found, found_masks, mask_scores):
                 d["masks"], d["mask_scores"] = m, d["scores"] * s
+        if "pred_keypoints" in outputs:  # ED-Pose: each detection's keypoints in pixels
+            from dfx.detection.keypoints import detection_keypoints
+
+            for d, points in zip(found, detection_keypoints(outputs["pred_keypoints"], found, sizes)):
+                d["keypoints"] = points
         return [{k: v[d["scores"] >= self.conf].cpu() for k, v in d.items()} for d in found]
 
     def write(self, paths, picture, output):
@@ -210,8 +215,13 @@ class DetectionPredictor(Predictor):
 
         image_id = len(self.names) if self.image_ids is None else self.image_ids[paths[0]]
         # the results exactly as `dfx eval` writes them (boxes unclipped, scores unrounded): same AP
-        self.results += to_coco_results([image_id], [output["boxes"]], [output["scores"]], [output["labels"]],
-                                        self.category_ids)
+        results = to_coco_results([image_id], [output["boxes"]], [output["scores"]], [output["labels"]],
+                                  self.category_ids)
+        if "keypoints" in output:  # COCO keypoint results (the box beside them), as dfx eval scores them
+            for entry, points in zip(results, output["keypoints"]):
+                entry["keypoints"] = [round(float(v), 2) for v in torch.cat((points, torch.ones(len(points), 1)), 1)
+                                      .flatten()]
+        self.results += results
         height, width = picture.shape[:2]
         boxes = output["boxes"].clamp(min=0)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(max=width)
@@ -221,10 +231,18 @@ class DetectionPredictor(Predictor):
                       for box, s, k in zip(boxes, output["scores"], output["labels"])]
         if "masks" in output:
             self._add_masks(image_id, output, detections)
+        for detection, entry in zip(detections, results if "keypoints" in output else []):
+            detection["keypoints"] = entry["keypoints"]
         name = self.unique_stem(paths[0])
         if "masks" in output:
             picture = draw_masks(picture, output["masks"].numpy())
-        draw_boxes(picture, detections, self.classes).save(self.out / "images" / f"{name}.jpg", quality=90)
+        drawn = draw_boxes(picture, detections, self.classes)
+        if "keypoints" in output:
+            from dfx.data.keypoints import known_skeleton
+
+            skeleton = known_skeleton(self.recipe.data.root, self.recipe.model.keypoints)
+            draw_skeletons(drawn, [d["keypoints"] for d in detections], skeleton)
+        drawn.save(self.out / "images" / f"{name}.jpg", quality=90)
         return {"image_id": image_id, "detections": detections}
 
     def _add_masks(self, image_id: int, output: dict, detections: list[dict]) -> None:
@@ -384,6 +402,21 @@ def draw_masks(picture: np.ndarray, masks: np.ndarray, alpha: float = 0.45) -> n
         inner[:, :-1] &= mask[:, 1:]
         tinted[mask & ~inner] = colour
     return tinted.round().astype(np.uint8)
+
+
+def draw_skeletons(image: Image.Image, poses: list[list[float]], skeleton) -> None:
+    """Draw each pose ([x, y, v] * K in pixels) on ``image``: its ``skeleton`` pairs as lines, its
+    keypoints as dots (left/right and centre keypoints alike, one colour per pose)."""
+    draw = ImageDraw.Draw(image)
+    colours = _colours(max(len(poses), 1))
+    line = max(1, round(max(image.size) / 300))
+    for pose, colour in zip(poses, colours):
+        colour = tuple(int(c) for c in colour)
+        points = [(pose[i], pose[i + 1]) for i in range(0, len(pose), 3)]
+        for a, b in skeleton:
+            draw.line([points[a], points[b]], fill=colour, width=line)
+        for x, y in points:
+            draw.ellipse((x - 2 * line, y - 2 * line, x + 2 * line, y + 2 * line), fill=(255, 255, 255), outline=colour)
 
 
 def overlay_classes(picture: np.ndarray, label_map: np.ndarray, num_classes: int, alpha: float = 0.5) -> Image.Image:

@@ -108,10 +108,10 @@ def test_keypoints_against_annotations_without_keypoints_are_refused(tmp_path):
     assert code == 2 and "keypoint results but the annotations have no keypoints" in payload["error"]
 
 
-def test_a_keypoint_count_other_than_coco_persons_is_refused(tmp_path):
+def test_a_keypoint_count_other_than_the_annotations_is_refused(tmp_path):
     result = [{"image_id": 1, "category_id": 1, "keypoints": [10.0, 10.0, 2] * 5, "score": 1.0}]
     code, payload, _ = evaluate(tmp_path, result, people(tmp_path))
-    assert code == 2 and "[5] per result" in payload["error"] and "17 COCO person keypoints" in payload["error"]
+    assert code == 2 and "[5] per result and [17] per annotation" in payload["error"]
 
 
 def test_an_empty_list_warns_and_strict_refuses(tmp_path):

@@ -9,7 +9,11 @@ the PIL RGB image and a target whose ``boxes`` are absolute pixel xyxy [N, 4] fl
 contiguous class indices [N] int64, ``image_id``, ``orig_size`` and ``size`` (h, w) int64 [2].
 With ``masks=True`` (instance segmentation) the target also has ``masks`` uint8 [N, H, W], each
 annotation's ``segmentation`` (polygons, or RLE compressed or not) decoded by ``pycocotools.mask``
-on the image's pixels. Crowd annotations (iscrowd=1) are not targets; they stay in ``coco`` so that COCOeval ignores
+on the image's pixels. With ``keypoints=True`` (pose) the target also has ``keypoints`` float32
+[N, K, 3] (x, y in absolute pixels, visibility 0/1/2), K from the category's ``keypoints`` names;
+the dataset then knows ``keypoint_names``, ``skeleton`` (0-based pairs), ``flip_perm`` (left <->
+right, from ``flip_pairs`` or the names) and ``sigmas`` (the category's, COCO's for 17, else None).
+Crowd annotations (iscrowd=1) are not targets; they stay in ``coco`` so that COCOeval ignores
 detections on them as COCO intends.
 """
 
@@ -159,9 +163,11 @@ class CocoDetection(Dataset):
 
     def __init__(self, image_dir: str | Path, ann_file: str | Path, transform=None,
                  category_ids: list[int] | None = None, skip_invalid: bool = False, annotations: dict | None = None,
-                 classes: list[str] | None = None, masks: bool = False):
+                 classes: list[str] | None = None, masks: bool = False, keypoints: bool = False,
+                 flip_pairs: list | None = None, sigmas: list | None = None):
         self.image_dir = Path(image_dir)
         self.masks = masks
+        self.keypoints = keypoints
         self.ann_file = Path(ann_file)
         self.converted = annotations is not None  # no COCO file on disk holds these annotations
         self.transform = transform
@@ -187,6 +193,8 @@ class CocoDetection(Dataset):
             raise UsageError(f"{self.ann_file}: categories {first(ids)} share the name {shared[0]!r}; class names "
                              "must be unique: rename one, or list the ids to learn in data.category_ids")
         self.label_of = {c: i for i, c in enumerate(self.category_ids)}
+        if keypoints:
+            self._keypoint_metadata([categories[c] for c in self.category_ids], flip_pairs, sigmas)
 
         images = self._present_images(data["images"])
         annotations = self._valid_annotations(data["annotations"], {im["id"]: im for im in data["images"]}, images)
@@ -194,6 +202,32 @@ class CocoDetection(Dataset):
                                 "categories": [categories[c] for c in self.category_ids]})
         self.ids = sorted(images)
         self.targets = self._targets(images, annotations)
+
+    def _keypoint_metadata(self, categories: list[dict], flip_pairs, sigmas) -> None:
+        """keypoint_names, skeleton, flip_perm and sigmas of the (one) keypoint category."""
+        from dfx.data.keypoints import flip_permutation, resolve_sigmas
+
+        named = [c for c in categories if c.get("keypoints")]
+        if not named:
+            raise UsageError(f"{self.ann_file}: no category lists 'keypoints' (names); pose needs a person-keypoints "
+                             "file (person_keypoints_*.json) or model.keypoints: false")
+        if len({len(c["keypoints"]) for c in named}) > 1:
+            raise UsageError(f"{self.ann_file}: categories list different keypoints; pose learns one skeleton")
+        category = named[0]
+        self.keypoint_names = [str(n) for n in category["keypoints"]]
+        k = len(self.keypoint_names)
+        self.skeleton = [(int(a) - 1, int(b) - 1) for a, b in category.get("skeleton") or []]
+        try:
+            self.flip_perm = flip_permutation(self.keypoint_names, flip_pairs if flip_pairs is not None
+                                              else category.get("flip_pairs"))
+        except ValueError as e:
+            raise UsageError(f"data.flip_pairs: {e}") from None
+        try:
+            self.sigmas = list(resolve_sigmas(k, sigmas, category, where="data.sigmas"))
+        except ValueError:
+            if sigmas is not None or category.get("sigmas") is not None:
+                raise
+            self.sigmas = None  # no OKS without them: evaluation says so
 
     def _present_images(self, images: list[dict]) -> dict[int, dict]:
         """image id -> image record, for images whose file exists (all of them unless skip_invalid;
@@ -267,9 +301,12 @@ class CocoDetection(Dataset):
         boxes: dict[int, list] = {i: [] for i in images}
         labels: dict[int, list] = {i: [] for i in images}
         self.segments: dict[int, list] = {i: [] for i in images}
+        self.poses: dict[int, list] = {i: [] for i in images}
         for ann in annotations:
             if ann.get("iscrowd", 0):
                 continue
+            if self.keypoints:
+                self.poses[ann["image_id"]].append(self._pose(ann))
             if self.masks:
                 if not ann.get("segmentation"):
                     raise UsageError(f"annotation {ann.get('id')} in {self.ann_file} has no 'segmentation'; instance "
@@ -285,6 +322,17 @@ class CocoDetection(Dataset):
                 np.clip(xyxy, 0, [image["width"], image["height"], image["width"], image["height"]], out=xyxy)
             targets[image_id] = (xyxy, np.asarray(labels[image_id], dtype=np.int64))
         return targets
+
+    def _pose(self, ann: dict) -> np.ndarray:
+        """[K, 3] float32 keypoints of an annotation (all v=0 when it has none); a wrong length is an error."""
+        k = len(self.keypoint_names)
+        values = ann.get("keypoints") or [0.0] * (3 * k)
+        if len(values) != 3 * k or not all(is_number(v) for v in values):
+            raise UsageError(f"annotation {ann.get('id')} in {self.ann_file}: 'keypoints' holds {len(values)} values; "
+                             f"expected {3 * k} numbers (x, y, v for each of the category's {k} keypoints)")
+        points = np.asarray(values, dtype=np.float32).reshape(k, 3)
+        points[points[:, 2] <= 0] = 0.0
+        return points
 
     def _count(self, reason: str, count: int) -> None:
         if count:
@@ -318,6 +366,10 @@ class CocoDetection(Dataset):
                   "image_id": image_id, "orig_size": size, "size": size.clone()}
         if self.masks:
             target["masks"] = torch.from_numpy(decode_segmentations(self.segments[image_id], image.height, image.width))
+        if self.keypoints:
+            poses = self.poses[image_id]
+            k = len(self.keypoint_names)
+            target["keypoints"] = torch.from_numpy(np.stack(poses) if poses else np.zeros((0, k, 3), np.float32))
         return image, target
 
     def __getitem__(self, index: int):

@@ -1,7 +1,8 @@
-"""COCO box and mask evaluation: detections -> COCO results -> pycocotools COCOeval -> named metrics.
+"""COCO box, mask and keypoint evaluation: detections -> COCO results -> pycocotools COCOeval -> named metrics.
 
 Boxes are scored with ``iou_type="bbox"``, instance masks with ``"segm"`` (results carry RLE
-``segmentation`` from :func:`to_coco_segm_results`; pycocotools derives their area and box).
+``segmentation`` from :func:`to_coco_segm_results`; pycocotools derives their area and box),
+poses with ``"keypoints"`` (OKS with the per-keypoint sigmas of :mod:`dfx.data.keypoints`).
 
 The twelve numbers are COCOeval's ``stats`` in its order (:data:`STAT_NAMES`): AP averaged over
 IoU 0.50:0.95, AP at IoU 0.50 and 0.75, AP for small / medium / large objects (area < 32², 32²-96²,
@@ -79,12 +80,14 @@ def to_numpy(values) -> np.ndarray:
     return np.asarray(values)
 
 
-def run_cocoeval(coco_gt, results: list[dict], image_ids: list[int] | None = None, iou_type: str = "bbox"):
+def run_cocoeval(coco_gt, results: list[dict], image_ids: list[int] | None = None, iou_type: str = "bbox",
+                 sigmas=None):
     """Run pycocotools' COCOeval quietly; returns ``(stats dict of STAT_NAMES, cocoeval)``.
 
     ``image_ids``: evaluate on these images only (default: every image of ``coco_gt``).
     ``iou_type``: ``bbox``, ``segm`` (results with RLE or polygon ``segmentation``) or ``keypoints``
-    (stats named by :data:`KEYPOINT_STAT_NAMES`).
+    (stats named by :data:`KEYPOINT_STAT_NAMES`; ``sigmas``: the per-keypoint OKS sigmas, default
+    pycocotools' 17 COCO ones).
     Empty ``results`` evaluate as "nothing detected" (all zeros) rather than failing.
     """
     from pycocotools.cocoeval import COCOeval
@@ -96,6 +99,8 @@ def run_cocoeval(coco_gt, results: list[dict], image_ids: list[int] | None = Non
         # loadRes adds fields (area, id, segmentation) to the dicts it is given: hand it copies
         detections = coco_gt.loadRes([dict(r) for r in results]) if results else empty_detections(coco_gt)
         cocoeval = COCOeval(coco_gt, detections, iouType=iou_type)
+        if iou_type == "keypoints" and sigmas is not None:
+            cocoeval.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
         if image_ids is not None:
             cocoeval.params.imgIds = list(image_ids)
         cocoeval.evaluate()
@@ -138,12 +143,12 @@ def without_ground_truth(cocoeval) -> list[str]:
 
 
 def evaluate_coco(coco_gt, results: list[dict], per_class: bool = True, image_ids: list[int] | None = None,
-                  iou_type: str = "bbox") -> dict:
+                  iou_type: str = "bbox", sigmas=None) -> dict:
     """COCO metrics of ``iou_type`` (``bbox``, ``segm``: masks): the twelve :data:`STAT_NAMES` as floats
     in [0, 1] (undefined -> 0.0), plus, when asked, ``per_class`` {category name: AP} for the categories with ground truth and
     ``no_ground_truth`` [names of the others]. See :func:`run_cocoeval` for the arguments.
     """
-    stats, cocoeval = run_cocoeval(coco_gt, results, image_ids, iou_type)
+    stats, cocoeval = run_cocoeval(coco_gt, results, image_ids, iou_type, sigmas)
     if per_class:
         stats["per_class"] = class_ap(cocoeval)
         stats["no_ground_truth"] = without_ground_truth(cocoeval)
@@ -208,7 +213,7 @@ def _is_mask(value) -> bool:
         isinstance(p, list) and len(p) >= 6 and all(is_number(v) and math.isfinite(v) for v in p) for p in value)
 
 
-def read_results(path: str | Path, coco_gt, strict: bool = False) -> tuple[list[dict], str]:
+def read_results(path: str | Path, coco_gt, strict: bool = False, sigmas=None) -> tuple[list[dict], str]:
     """A COCO results file checked against the ground truth ``coco_gt``: ``(entries, iou_type)``.
 
     The IoU type comes from the entries' keys (:func:`iou_type_of`): ``keypoints``, ``segmentation``
@@ -254,14 +259,16 @@ def read_results(path: str | Path, coco_gt, strict: bool = False) -> tuple[list[
             raise UsageError(f"--predictions: {len(unknown)} of {len(results)} entries in {path} name {field}s that "
                              f"are not among the ground truth's {what} ({first(names)}; first: [{unknown[0]}]); "
                              "are they for these --annotations?")
-    check_scorable(coco_gt, results, iou_type, path)
+    check_scorable(coco_gt, results, iou_type, path, sigmas)
     field = KEY_OF[iou_type]
     return [{k: r[k] for k in ("image_id", "category_id", field, "score")} for r in results], iou_type
 
 
-def check_scorable(coco_gt, results: list[dict], iou_type: str, path) -> None:
-    """A UsageError unless the ground truth holds what ``iou_type`` compares: masks for segm, the
-    17 COCO person keypoints for keypoints (pycocotools' OKS constants are for those)."""
+def check_scorable(coco_gt, results: list[dict], iou_type: str, path, sigmas=None):
+    """A UsageError unless the ground truth holds what ``iou_type`` compares: masks for segm, keypoints
+    of the results' count for keypoints. Keypoints: returns the OKS sigmas (``sigmas`` given, else the
+    category's ``sigmas``, else COCO's for 17 keypoints; :func:`dfx.data.keypoints.resolve_sigmas`)."""
+    from dfx.data.keypoints import resolve_sigmas
     from dfx.errors import UsageError
 
     annotations = coco_gt.dataset.get("annotations", [])
@@ -271,28 +278,38 @@ def check_scorable(coco_gt, results: list[dict], iou_type: str, path) -> None:
             raise UsageError(f"--predictions: {path} holds segmentation results but {len(lacking)} of "
                              f"{len(annotations)} annotations have no segmentation; score them against "
                              "annotations with masks, or drop 'segmentation' from the entries to score the boxes")
-    if iou_type == "keypoints":
-        sizes = {len(r["keypoints"]) // 3 for r in results}
-        scored = {r["category_id"] for r in results}
-        lacking = [c for c in scored if not coco_gt.cats[c].get("keypoints")]
-        with_points = [a for a in annotations if a.get("category_id") in scored and a.get("keypoints")]
-        if lacking or not with_points:
-            raise UsageError(f"--predictions: {path} holds keypoint results but the annotations have no keypoints "
-                             f"for {'categories ' + str(sorted(lacking)) if lacking else 'their categories'}; score "
-                             "them against person-keypoint annotations, or drop 'keypoints' to score boxes")
-        expected = {len(a["keypoints"]) // 3 for a in with_points} | sizes
-        if expected != {17}:
-            raise UsageError(f"--predictions: keypoints: {sorted(sizes)} per result and "
-                             f"{sorted({len(a['keypoints']) // 3 for a in with_points})} per annotation; COCO "
-                             "keypoint AP (OKS) is defined for the 17 COCO person keypoints only")
+    if iou_type != "keypoints":
+        return None
+    sizes = {len(r["keypoints"]) // 3 for r in results}
+    scored = {r["category_id"] for r in results}
+    lacking = [c for c in scored if not coco_gt.cats[c].get("keypoints")]
+    with_points = [a for a in annotations if a.get("category_id") in scored and a.get("keypoints")]
+    if lacking or not with_points:
+        raise UsageError(f"--predictions: {path} holds keypoint results but the annotations have no keypoints "
+                         f"for {'categories ' + str(sorted(lacking)) if lacking else 'their categories'}; score "
+                         "them against person-keypoint annotations, or drop 'keypoints' to score boxes")
+    truth = {len(a["keypoints"]) // 3 for a in with_points} | {len(coco_gt.cats[c]["keypoints"]) for c in scored}
+    if len(sizes | truth) != 1:
+        raise UsageError(f"--predictions: keypoints: {sorted(sizes)} per result and {sorted(truth)} per annotation "
+                         "(and category); the results must have the annotations' keypoints, in their order")
+    if len(scored) > 1:
+        raise UsageError(f"--predictions: keypoint results for {len(scored)} categories {sorted(scored)}; OKS "
+                         "uses one set of sigmas: score one keypoint category per file")
+    category = coco_gt.cats[next(iter(scored))]
+    try:
+        return resolve_sigmas(next(iter(sizes)), sigmas, category, where="--predictions")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
-def evaluate_results_file(predictions: str | Path, annotations: str | Path, strict: bool = False) -> dict:
+def evaluate_results_file(predictions: str | Path, annotations: str | Path, strict: bool = False,
+                          sigmas=None) -> dict:
     """COCO metrics of any model's results file against a COCO annotation file, with the IoU type
     the entries call for: ``{"iou_type": "bbox"|"segm"|"keypoints", "metrics": {STAT_NAMES...,
     "AP/<class>"...}, "no_ground_truth": [...], "detections": N, "images": N, "predictions": PATH,
-    "annotations": PATH}`` (keypoints: :data:`KEYPOINT_STAT_NAMES`). A COCO panoptic prediction (JSON with
-    ``segments_info``, PNGs in the folder of its name) is scored by PQ instead
+    "annotations": PATH}`` (keypoints: :data:`KEYPOINT_STAT_NAMES` and ``"sigmas"``, the OKS sigmas
+    used: ``sigmas`` when given, else the category's, else COCO's 17). A COCO panoptic prediction (JSON
+    with ``segments_info``, PNGs in the folder of its name) is scored by PQ instead
     (:func:`dfx.data.panoptic_eval.evaluate_panoptic_files`)."""
     from dfx.data.coco import read_ground_truth
     from dfx.data.panoptic_eval import evaluate_panoptic_files, is_panoptic_file
@@ -300,12 +317,15 @@ def evaluate_results_file(predictions: str | Path, annotations: str | Path, stri
     if is_panoptic_file(predictions):  # COCO panoptic JSON + PNGs: PQ / SQ / RQ
         return evaluate_panoptic_files(predictions, annotations)
     coco_gt = read_ground_truth(annotations)
-    results, iou_type = read_results(predictions, coco_gt, strict)
+    results, iou_type = read_results(predictions, coco_gt, strict, sigmas)
     if iou_type == "segm":
         results = [{**r, "segmentation": to_rle(r["segmentation"], coco_gt.imgs[r["image_id"]])} for r in results]
-    stats = evaluate_coco(coco_gt, results, iou_type=iou_type)
+    used = check_scorable(coco_gt, results, iou_type, predictions, sigmas) if results else None
+    stats = evaluate_coco(coco_gt, results, iou_type=iou_type, sigmas=used)
     per_class, missing = stats.pop("per_class"), stats.pop("no_ground_truth")
-    return {"iou_type": iou_type, "metrics": {**stats, **{f"AP/{name}": value for name, value in per_class.items()}},
+    extra = {"sigmas": list(used)} if used is not None else {}
+    metrics = {**stats, **{f"AP/{name}": value for name, value in per_class.items()}}
+    return {"iou_type": iou_type, **extra, "metrics": metrics,
             "no_ground_truth": missing, "detections": len(results), "images": len(coco_gt.imgs),
             "predictions": str(predictions), "annotations": str(annotations)}
 

@@ -54,7 +54,7 @@ class DetectionTransform:
 
     def __init__(self, train: bool, scales: list[int], max_size: int, crop: list[int] | None = None,
                  crop_prob: float = 0.5, hflip: float = 0.5, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                 crop_resize: list[int] | None = None, color_jitter: float = 0.0):
+                 crop_resize: list[int] | None = None, color_jitter: float = 0.0, flip_perm: list[int] | None = None):
         if not scales:
             raise ValueError("scales: expected at least one size for the shorter side")
         if crop is not None and (len(crop) != 2 or not 0 < crop[0] <= crop[1]):
@@ -69,6 +69,7 @@ class DetectionTransform:
         self.mean = list(mean)
         self.std = list(std)
         self.color_jitter = color_jitter
+        self.flip_perm = flip_perm  # keypoints: the left <-> right index map a horizontal flip applies
 
     def __call__(self, image: Image.Image, target: dict) -> tuple[Tensor, dict]:
         from torchvision import tv_tensors
@@ -80,6 +81,9 @@ class DetectionTransform:
         labels = torch.as_tensor(target["labels"], dtype=torch.int64)
         # instance masks ride along as a tv_tensors.Mask: the same ops, nearest-neighbour resizing
         masks = tv_tensors.Mask(torch.as_tensor(target["masks"], dtype=torch.uint8)) if "masks" in target else None
+        # keypoints [N, K, 3] (absolute x, y, visibility) follow by hand: flip (with the left/right swap),
+        # crop (points cut off become v=0) and resize
+        points = torch.as_tensor(target["keypoints"], dtype=torch.float32).clone() if "keypoints" in target else None
         if self.train:
             if self.color_jitter:
                 from torchvision.transforms import v2
@@ -87,19 +91,24 @@ class DetectionTransform:
                 j = self.color_jitter
                 image = v2.ColorJitter(brightness=j, contrast=j, saturation=j)(image)
             if torch.rand(()) < self.hflip:
+                width = image.width
                 image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
                 masks = _each(F.horizontal_flip, masks)
+                if points is not None:
+                    points = flip_keypoints(points, width, self.flip_perm)
             if self.crop is not None and torch.rand(()) < self.crop_prob:
                 if self.crop_resize:
                     shorter = self.crop_resize[int(torch.randint(len(self.crop_resize), ()))]
                     size = list(resized_shape(image.height, image.width, shorter, max_size=1 << 30))  # uncapped
+                    points = _scale_points(points, size[1] / image.width, size[0] / image.height)
                     image, boxes = F.resize(image, size, antialias=True), F.resize(boxes, size)
                     masks = _each(F.resize, masks, size)
-                image, boxes, labels, masks = self._random_crop(image, boxes, labels, masks)
+                image, boxes, labels, masks, points = self._random_crop(image, boxes, labels, masks, points)
             shorter = self.scales[int(torch.randint(len(self.scales), ()))]
         else:
             shorter = max(self.scales)
         size = list(resized_shape(image.height, image.width, shorter, self.max_size))
+        points = _scale_points(points, size[1] / image.width, size[0] / image.height)
         image, boxes, masks = F.resize(image, size, antialias=True), F.resize(boxes, size), _each(F.resize, masks, size)
 
         tensor = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
@@ -112,9 +121,11 @@ class DetectionTransform:
         out["size"] = torch.tensor(size, dtype=torch.int64)
         if masks is not None:
             out["masks"] = masks.as_subclass(Tensor)
+        if points is not None:  # x, y normalised by the output size like the boxes
+            out["keypoints"] = torch.cat([points[..., :2] / scale[:2], points[..., 2:]], -1)
         return tensor, out
 
-    def _random_crop(self, image, boxes, labels, masks=None):
+    def _random_crop(self, image, boxes, labels, masks=None, points=None):
         """A crop of random size in [crop[0], crop[1]] per side (at most the image), boxes clipped to it
         (and masks cut to it); objects whose box is left with no area are dropped."""
         from torchvision import tv_tensors
@@ -131,8 +142,36 @@ class DetectionTransform:
         if masks is not None:
             masks = F.crop(masks, top, left, crop_h, crop_w)
             masks = tv_tensors.wrap(masks[keep], like=masks)
+        if points is not None:
+            points = points[keep].clone()
+            points[..., 0] -= left
+            points[..., 1] -= top
+            x, y = points[..., 0], points[..., 1]
+            outside = (x < 0) | (x >= crop_w) | (y < 0) | (y >= crop_h)
+            points[outside | (points[..., 2] <= 0)] = 0.0
         # indexing returns a plain tensor; re-wrap so the resize that follows still treats it as boxes
-        return image, tv_tensors.wrap(boxes[keep], like=boxes), labels[keep], masks
+        return image, tv_tensors.wrap(boxes[keep], like=boxes), labels[keep], masks, points
+
+
+def flip_keypoints(points: Tensor, width: float, flip_perm: list[int] | None) -> Tensor:
+    """Keypoints [N, K, 3] of an image ``width`` wide mirrored: x -> width - x (continuous pixel
+    coordinates), then left and right swapped by ``flip_perm`` (keypoint i <- keypoint perm[i])."""
+    if flip_perm is None and points.shape[1] > 1:
+        raise ValueError("flipping keypoints needs flip_perm (the left <-> right pairs); set data.flip_pairs "
+                         "or data.hflip: 0")
+    out = points.clone()
+    labelled = out[..., 2] > 0
+    out[..., 0] = torch.where(labelled, width - out[..., 0], out[..., 0])
+    return out[:, flip_perm] if flip_perm is not None else out
+
+
+def _scale_points(points: Tensor | None, sx: float, sy: float) -> Tensor | None:
+    if points is None:
+        return None
+    out = points.clone()
+    out[..., 0] *= sx
+    out[..., 1] *= sy
+    return out
 
 
 def _each(op, masks, *args):

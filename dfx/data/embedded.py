@@ -15,6 +15,7 @@ from dfx.data.cache import ensure_dataset
 from dfx.data.shapes import CLS_SHAPES, contrasting_colour, draw_shape, place_apart, shape_polygon, textured_background
 from dfx.data.shapes_det import SHAPES_DET_VERSION, generate_shapes_det
 from dfx.data.shapes_inst import SHAPES_INST_VERSION, generate_shapes_inst
+from dfx.data.shapes_pose import SHAPES_POSE_VERSION, generate_shapes_pose
 from dfx.data.shapes_rgbd import SHAPES_DEPTH_VERSION, SHAPES_RGBD_VERSION, generate_shapes_depth, generate_shapes_rgbd
 from dfx.data.shapes_translation import SHAPES_TRANSLATION_VERSION, generate_shapes_translation
 
@@ -109,6 +110,7 @@ EMBEDDED = {
     "shapes-rgbd": (f"shapes-rgbd-v{SHAPES_RGBD_VERSION}", generate_shapes_rgbd),
     "shapes-det": (f"shapes-det-v{SHAPES_DET_VERSION}", generate_shapes_det),
     "shapes-inst": (f"shapes-inst-v{SHAPES_INST_VERSION}", generate_shapes_inst),
+    "shapes-pose": (f"shapes-pose-v{SHAPES_POSE_VERSION}", generate_shapes_pose),
     "shapes-depth": (f"shapes-depth-v{SHAPES_DEPTH_VERSION}", generate_shapes_depth),
     "shapes-translation": (f"shapes-translation-v{SHAPES_TRANSLATION_VERSION}", generate_shapes_translation),
 }

@@ -18,6 +18,10 @@ MaskDINO (``masks``, a :class:`MaskLossConfig`) adds to every prediction that ca
 ``w_mask · L_mask + w_dice · L_dice``, the point-sampled BCE and dice of the matched masks over ``N``
 (:func:`dfx.detection.mask_loss.mask_losses`); targets then carry ``"masks"`` [n, H, W] on the padded
 batch's pixel grid.
+ED-Pose (``keypoint_sigmas``: the per-keypoint OKS sigmas) adds to every prediction that carries
+``pred_keypoints`` ``w_keypoints · L_keypoints + w_oks · L_oks`` (10 and 4: the visibility-weighted L1
+and 1 - OKS of the matched poses over ``N``, :func:`dfx.detection.keypoints.pose_losses`), and the
+matcher of such a prediction uses ED-Pose's keypoint cost; targets then carry ``"keypoints"`` [n, K, 3].
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ class SetCriterion(nn.Module):
                  class_weight: float = SetLossConfig.class_weight, bbox_weight: float = SetLossConfig.bbox_weight,
                  giou_weight: float = SetLossConfig.giou_weight, focal_alpha: float = SetLossConfig.focal_alpha,
                  focal_gamma: float = SetLossConfig.focal_gamma, one2many_k: int = HybridLossConfig.one2many_k,
-                 one2many_weight: float = HybridLossConfig.one2many_weight, masks: MaskLossConfig | None = None):
+                 one2many_weight: float = HybridLossConfig.one2many_weight, masks: MaskLossConfig | None = None,
+                 keypoint_sigmas=None):
         super().__init__()
         SetLossConfig(class_weight=class_weight, bbox_weight=bbox_weight, giou_weight=giou_weight,
                       focal_alpha=focal_alpha, focal_gamma=focal_gamma).validate()
@@ -56,19 +61,27 @@ class SetCriterion(nn.Module):
             masks.validate()
             self.weights.update(mask=masks.mask_weight, dice=masks.dice_weight)
         self.masks = masks
+        self.keypoint_sigmas = None
+        if keypoint_sigmas is not None:
+            from dfx.detection.keypoints import LOSS_KEYPOINTS, LOSS_OKS
+
+            self.keypoint_sigmas = torch.as_tensor(keypoint_sigmas, dtype=torch.float32)
+            self.weights.update(keypoints=LOSS_KEYPOINTS, oks=LOSS_OKS)
+            if self.matcher.keypoint_sigmas is None:
+                self.matcher.keypoint_sigmas = self.keypoint_sigmas
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.one2many_k, self.one2many_weight = one2many_k, one2many_weight
 
     @classmethod
     def from_config(cls, num_classes: int, loss: SetLossConfig, hybrid: HybridLossConfig | None = None,
-                    masks: MaskLossConfig | None = None):
-        """The criterion (and its matcher) of a :class:`SetLossConfig`, :class:`HybridLossConfig` and
-        (MaskDINO) :class:`MaskLossConfig`."""
+                    masks: MaskLossConfig | None = None, keypoint_sigmas=None):
+        """The criterion (and its matcher) of a :class:`SetLossConfig`, :class:`HybridLossConfig`,
+        (MaskDINO) :class:`MaskLossConfig` and (ED-Pose) the keypoints' OKS sigmas."""
         hybrid = hybrid or HybridLossConfig()
         matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.focal_alpha, loss.focal_gamma,
                                    masks)
         return cls(num_classes, matcher, loss.class_weight, loss.bbox_weight, loss.giou_weight, loss.focal_alpha,
-                   loss.focal_gamma, hybrid.one2many_k, hybrid.one2many_weight, masks)
+                   loss.focal_gamma, hybrid.one2many_k, hybrid.one2many_weight, masks, keypoint_sigmas)
 
     def terms(self, outputs: dict, targets: list[dict], num_boxes: float, indices=None) -> dict:
         """Unweighted L_class, L_l1, L_giou of one set of predictions (matched here unless given;
@@ -99,6 +112,14 @@ class SetCriterion(nn.Module):
             terms["mask"], terms["dice"] = mask_losses(outputs["pred_masks"][batch_idx, query_idx],
                                                        target_masks.to(device), num_boxes, m.mask_points,
                                                        m.oversample_ratio, m.importance_sample_ratio)
+        if self.keypoint_sigmas is not None and "pred_keypoints" in outputs:
+            from dfx.detection.keypoints import pose_losses, target_area
+
+            points = outputs["pred_keypoints"][batch_idx, query_idx]
+            truth = torch.cat([t["keypoints"][j.to(t["keypoints"].device)] for t, j in zip(targets, target_idx)])
+            area = torch.cat([target_area(t)[j.to(t["boxes"].device)] for t, j in zip(targets, target_idx)])
+            pose = pose_losses(points, truth.to(points), area.to(points), self.keypoint_sigmas.to(points), num_boxes)
+            terms["keypoints"], terms["oks"] = pose["loss_keypoints"], pose["loss_oks"]
         return terms
 
     def weighted(self, terms: dict) -> Tensor:

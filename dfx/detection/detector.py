@@ -41,6 +41,13 @@ proposals carry masks as well. The mask embedding reads the decoder's final norm
 (MaskDINO's ``forward_prediction_heads``; with ``decoder_norm`` the decoder has normed it once already,
 as in the reference).
 
+ED-Pose is the ``keypoints`` switch (K > 0; :mod:`dfx.detection.keypoints`): DINO's decoder detects
+people in its first ``box_layers`` layers, then the top ``pose_groups`` human queries are each
+expanded into one human query and K keypoint queries, refined as small boxes by the later layers.
+Those layers' predictions are of the human queries only and carry ``pred_keypoints`` [B, G, K, 2]
+(x, y in [0, 1]); with ``one2many_queries`` the hybrid group expands into
+``pose_groups * one2many_queries // one2one_queries`` pose groups of its own.
+
 Output of ``forward(images [B, 3, H, W], mask [B, H, W] True at padding)``::
 
     {"pred_logits": [B, Q1, K], "pred_boxes": [B, Q1, 4] (cxcywh in [0, 1] of the unpadded image),
@@ -66,6 +73,7 @@ from torch import Tensor, nn
 from dfx.detection.backbone import Backbone, InputProjection
 from dfx.detection.deformable_attention import MultiScaleDeformableAttention
 from dfx.detection.denoising import denoising_attention_mask, noised_queries
+from dfx.detection.keypoints import KeypointHead, pose_decode
 from dfx.detection.masks import MaskHead, mask_boxes
 from dfx.detection.position import box_position_encoding, pixel_position_encoding
 from dfx.detection.transformer import INVERSE_SIGMOID_EPS, MLP, Decoder, Encoder, inverse_sigmoid
@@ -126,6 +134,9 @@ class DetectorConfig:
     # MaskDINO: the class head reads the decoder norm of each layer's output, as the mask embedding does
     # (a second pass of the one norm), and classifies the selected proposals from their normed tokens
     class_norm: bool = False
+    keypoints: int = 0  # ED-Pose: K keypoints per person (dfx.detection.keypoints); 0: boxes only
+    pose_groups: int = 100  # ED-Pose's num_group: human queries expanded into keypoint queries
+    box_layers: int = 2  # ED-Pose's num_box_decoder_layers: the human stage
 
     def validate(self) -> None:
         """Raise ValueError naming the field for inconsistent settings."""
@@ -154,6 +165,8 @@ class DetectorConfig:
                              "set two_stage: true")
         if self.encoder_loss == "selected" and not self.two_stage:
             raise ValueError("encoder_loss selected scores the two-stage proposals: set two_stage: true")
+        if self.keypoints:
+            self._validate_keypoints()
         if self.masks and not self.two_stage:
             raise ValueError("masks: MaskDINO predicts masks of DINO's selected queries: set two_stage: true")
         if self.class_norm and not (self.masks and self.decoder_norm and self.encoder_loss == "selected"):
@@ -165,6 +178,20 @@ class DetectorConfig:
                              "encoder_loss: selected and query_position: per_layer")
         if not 0 < self.inverse_sigmoid_eps < 0.5:
             raise ValueError(f"inverse_sigmoid_eps must be in (0, 0.5), got {self.inverse_sigmoid_eps}")
+
+    def _validate_keypoints(self) -> None:
+        if self.keypoints < 0 or not 0 < self.box_layers < self.decoder_layers:
+            raise ValueError(f"keypoints must be >= 0 and box_layers between 1 and decoder_layers - 1, got "
+                             f"{self.keypoints} and {self.box_layers}")
+        if not (self.two_stage and self.box_refine and self.query_position == "per_layer"):
+            raise ValueError("keypoints: ED-Pose is a DINO: set two_stage: true, box_refine: true and "
+                             "query_position: per_layer")
+        if not 0 < self.pose_groups <= self.one2one_queries:
+            raise ValueError(f"pose_groups must be in [1, one2one_queries = {self.one2one_queries}], "
+                             f"got {self.pose_groups}")
+        if self.masks or self.dn_queries:
+            raise ValueError("keypoints: masks and denoising (dn_queries) do not combine with keypoints yet; "
+                             "set masks: false and dn_queries: 0")
 
     def _validate_denoising(self) -> None:
         if self.dn_queries < 0:
@@ -210,6 +237,9 @@ class DeformableDETR(nn.Module):
                                  frozen_stages=config.backbone_frozen_stages)
         self.input_proj = InputProjection(self.backbone.channels[-stages:], c, config.levels)
         self.mask_head = self._mask_head() if config.masks else None
+        self.keypoint_head = (KeypointHead(c, config.keypoints, config.pose_groups,
+                                           config.decoder_layers - config.box_layers, config.inverse_sigmoid_eps)
+                              if config.keypoints else None)
         self.level_embed = nn.Parameter(torch.empty(config.levels, c).normal_())
         layer = dict(dim=c, heads=config.heads, levels=config.levels, points=config.points, ffn_dim=config.ffn_dim,
                      dropout=config.dropout)
@@ -438,6 +468,8 @@ class DeformableDETR(nn.Module):
         if dn is not None:
             attn_mask = denoising_attention_mask(dn.groups, dn.group_size, groups, images.device)
             groups = [dn.size, *groups]
+        if self.keypoint_head is not None:
+            return self._pose_outputs(content, reference, memory, shapes, valid_ratios, flat_mask, groups, out)
         states, boxes = self.decoder(content, query_pos, reference, memory, shapes, valid_ratios, flat_mask,
                                      self._box_delta, groups, masked=self.config.hybrid_attention == "masked",
                                      attn_mask=attn_mask)
@@ -457,6 +489,20 @@ class DeformableDETR(nn.Module):
         if one2many:
             many = [{k: v[:, one2one:] for k, v in layer.items()} for layer in layers]
             out["one2many"] = {**many[-1], "aux_outputs": many[:-1]}
+        return out
+
+    def _pose_outputs(self, content, reference, memory, shapes, valid_ratios, flat_mask, groups, out: dict) -> dict:
+        """ED-Pose's decoding (dfx.detection.keypoints.pose_decode) laid out as forward's output."""
+        expanded = [self.config.pose_groups]
+        if len(groups) > 1:
+            expanded.append(max(1, self.config.pose_groups * groups[1] // groups[0]))
+        per_group = pose_decode(self.decoder, self.keypoint_head, self.config.box_layers, content, reference, memory,
+                                shapes, valid_ratios, flat_mask, self._box_delta, self._class_logits, groups,
+                                expanded)
+        out.update(per_group[0][-1])
+        out["aux_outputs"] = per_group[0][:-1]
+        if len(per_group) > 1:
+            out["one2many"] = {**per_group[1][-1], "aux_outputs": per_group[1][:-1]}
         return out
 
 

@@ -88,6 +88,9 @@ class HungarianMatcher(nn.Module):
         focal_alpha: focal cost alpha, in [0, 1].
         focal_gamma: focal cost gamma, >= 0.
         masks: MaskDINO's mask costs and matching points; None: boxes and classes only.
+        keypoint_sigmas: ED-Pose's keypoint-stage cost (dfx.detection.keypoints.pose_cost: focal class,
+            keypoint L1 and 1 - OKS with these per-keypoint sigmas, box costs off) for outputs with
+            "pred_keypoints" [B, Q, K, 2] and targets with "keypoints" [n, K, 3]; None: boxes.
     """
 
     def __init__(
@@ -98,8 +101,11 @@ class HungarianMatcher(nn.Module):
         focal_alpha: float = SetLossConfig.focal_alpha,
         focal_gamma: float = SetLossConfig.focal_gamma,
         masks: MaskLossConfig | None = None,
+        keypoint_sigmas=None,
     ):
         super().__init__()
+        self.keypoint_sigmas = (None if keypoint_sigmas is None else
+                                torch.as_tensor(keypoint_sigmas, dtype=torch.float32))
         settings = SetLossConfig(cost_class=float(cost_class), cost_bbox=float(cost_bbox), cost_giou=float(cost_giou),
                                  focal_alpha=float(focal_alpha), focal_gamma=float(focal_gamma))
         settings.validate()
@@ -176,7 +182,10 @@ class HungarianMatcher(nn.Module):
         # blocks: far fewer kernel launches than B small matrices.
         labels = torch.cat([target["labels"] for target in targets]).to(logits.device)
         target_boxes = torch.cat([target["boxes"] for target in targets]).to(boxes)
-        cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), labels, target_boxes)
+        if self.keypoint_sigmas is not None and "pred_keypoints" in outputs:
+            cost = self._pose_cost(outputs, targets, logits, labels)
+        else:
+            cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), labels, target_boxes)
         # scipy has no half types; float64 inputs keep their precision.
         cost = cost.to("cpu", torch.promote_types(cost.dtype, torch.float32))
         if not np.isfinite(cost.numpy()).all():  # read on the host copy: no extra synchronisation
@@ -201,6 +210,16 @@ class HungarianMatcher(nn.Module):
         return indices
 
 
+    def _pose_cost(self, outputs: dict, targets: list, logits: Tensor, labels: Tensor) -> Tensor:
+        from dfx.detection.keypoints import pose_cost, target_area
+
+        points = outputs["pred_keypoints"]
+        truth = torch.cat([target["keypoints"] for target in targets]).to(points)
+        area = torch.cat([target_area(target) for target in targets]).to(points)
+        return pose_cost(logits.flatten(0, 1), points.flatten(0, 1), labels, truth, area,
+                         self.keypoint_sigmas.to(points), self.focal_alpha, self.focal_gamma)
+
+
 def repeat_targets(targets: list, k: int) -> list:
     """H-DETR one-to-many targets: each image's objects repeated ``k`` times.
 
@@ -209,11 +228,16 @@ def repeat_targets(targets: list, k: int) -> list:
         k: repetitions, >= 1.
     Returns:
         New dicts with "labels" [k*n] and "boxes" [k*n, 4] ordered t0, t1, ..., t0, t1, ...
-        (object j sits at rows j, j + n, ...); other keys are shared with the input.
+        (object j sits at rows j, j + n, ...), and "keypoints" / "area_norm" likewise where present; other
+        keys are shared with the input.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    return [
-        {**target, "labels": target["labels"].repeat(k), "boxes": target["boxes"].repeat(k, 1)}
-        for target in targets
-    ]
+    repeated = []
+    for target in targets:
+        out = {**target, "labels": target["labels"].repeat(k), "boxes": target["boxes"].repeat(k, 1)}
+        for key in ("keypoints", "area_norm"):  # pose targets repeat with their boxes
+            if key in target:
+                out[key] = target[key].repeat(k, *([1] * (target[key].dim() - 1)))
+        repeated.append(out)
+    return repeated

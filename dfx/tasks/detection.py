@@ -121,6 +121,10 @@ class DataConfig:
     # input normalisation; null: the backbone's pretrained configuration (timm's), filled in when the recipe loads
     mean: Union[list[float], None] = None
     std: Union[list[float], None] = None
+    # keypoints (model.keypoints): left/right index pairs a flip swaps (null: the names' left_/right_ pairs)
+    # and the OKS sigmas (null: the annotations' category "sigmas", else COCO's 17)
+    flip_pairs: Union[list[list[int]], None] = None
+    sigmas: Union[list[float], None] = None
 
     def validate(self, prefix: str) -> None:
         if not self.scales or min(self.scales) < 1:
@@ -231,7 +235,11 @@ class Task:
         dataset = CocoDetection(source.images, source.ann_file, transform, category_ids=data.category_ids,
                                 skip_invalid=data.skip_invalid, annotations=source.annotations,
                                 classes=self.classes if data.category_ids is None else None,
-                                masks=self.recipe.model.masks)
+                                masks=self.recipe.model.masks, keypoints=bool(self.recipe.model.keypoints),
+                                flip_pairs=data.flip_pairs, sigmas=data.sigmas)
+        if self.recipe.model.keypoints:
+            transform.flip_perm = dataset.flip_perm
+            check_keypoints(dataset, self.recipe.model.keypoints)
         for reason, count in source.skipped.items():
             dataset.skipped[reason] = dataset.skipped.get(reason, 0) + count
         if any(dataset.skipped.values()):
@@ -271,7 +279,9 @@ class Task:
         loss = self.recipe.loss
         masks = MaskLossConfig(**{f.name: getattr(loss, f.name) for f in fields(MaskLossConfig)}) \
             if self.recipe.model.masks else None
-        return SetCriterion.from_config(len(self.classes), self.recipe.loss, self.recipe.model, masks)
+        # ED-Pose's keypoint cost and losses with the data's sigmas
+        sigmas = self.dataset("val").sigmas if self.recipe.model.keypoints else None
+        return SetCriterion.from_config(len(self.classes), self.recipe.loss, self.recipe.model, masks, sigmas)
 
     def param_groups(self, model) -> list[dict]:
         """Backbone at ``train.backbone_lr``; sampling offsets and reference points at lr × offset_lr_mult;
@@ -325,6 +335,7 @@ class Evaluator:
         self.task, self.dataset = task, dataset
         self.results: list[dict] = []
         self.segm_results: list[dict] = []  # with model.masks: the same detections' masks (RLE)
+        self.keypoint_results: list[dict] = []  # with model.keypoints: the same detections' poses
         self.drawn: list[tuple] = []
 
     @torch.no_grad()
@@ -340,6 +351,15 @@ class Evaluator:
                                         [d["labels"].cpu() for d in detections], self.dataset.category_ids)
         if "pred_masks" in outputs:
             self._add_masks(outputs["pred_masks"], detections, targets)
+        if "pred_keypoints" in outputs:
+            from dfx.detection.keypoints import detection_keypoints, keypoint_results
+
+            points = detection_keypoints(outputs["pred_keypoints"], detections, sizes)
+            for target, found, pose in zip(targets, detections, points):
+                keep = found["labels"] == 0  # the keypoint category is the first (the one) class
+                self.keypoint_results += keypoint_results([int(target["image_id"])], [pose[keep].cpu()],
+                                                          [found["scores"][keep].cpu()], self.dataset.category_ids[0])
+                found["keypoints"] = pose
         wanted = self.task.recipe.eval.draw_images
         if self.task.output_dir is not None and len(self.drawn) < wanted:
             for target, found in zip(targets, detections):
@@ -359,7 +379,7 @@ class Evaluator:
                                                   [d["labels"].cpu() for d in detections], self.dataset.category_ids)
 
     def state(self) -> dict:
-        return {"results": self.results, "segm_results": self.segm_results}
+        return {"results": self.results, "segm_results": self.segm_results, "keypoint_results": self.keypoint_results}
 
     def summarize(self, states: list[dict]) -> dict:
         from dfx.data.coco_eval import class_ap, run_cocoeval, without_ground_truth
@@ -372,6 +392,10 @@ class Evaluator:
                                            iou_type="segm")
             metrics.update({f"segm/{name}": value for name, value in segm.items()})
             metrics.update({f"segm/AP/{name}": value for name, value in class_ap(segm_eval).items()})
+        if self.task.recipe.model.keypoints:  # keypoint AP (OKS) next to box AP, as keypoints/AP, ...
+            poses, _ = run_cocoeval(self.dataset.coco, [r for s in states for r in s.get("keypoint_results", [])],
+                                    iou_type="keypoints", sigmas=self.dataset.sigmas)
+            metrics.update({f"keypoints/{name}": value for name, value in poses.items()})
         missing = without_ground_truth(cocoeval)
         if missing and not self.task._noted_missing and _is_main():
             self.task._noted_missing = True
@@ -407,6 +431,17 @@ class Evaluator:
     @property
     def classes(self) -> list[str]:
         return self.task.classes
+
+
+def check_keypoints(dataset: CocoDetection, count: int) -> None:
+    """A UsageError unless the data has ``count`` keypoints per instance and OKS sigmas for them."""
+    if len(dataset.keypoint_names) != count:
+        raise UsageError(f"model.keypoints is {count} but {dataset.ann_file} has {len(dataset.keypoint_names)} "
+                         f"keypoints per instance ({', '.join(dataset.keypoint_names[:5])}, ...); set model.keypoints: "
+                         f"{len(dataset.keypoint_names)}")
+    if dataset.sigmas is None:
+        raise UsageError(f"{dataset.ann_file}: no OKS sigmas for its {count} keypoints: set data.sigmas (one per "
+                         "keypoint) or add \"sigmas\" to the category")
 
 
 def _is_main() -> bool:
