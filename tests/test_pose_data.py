@@ -158,3 +158,15 @@ def test_a_crop_replaces_the_oks_areas_by_the_cropped_boxes_and_cuts_points(tmp_
     labelled = points[..., 2] > 0
     assert ((points[..., :2] >= 0) & (points[..., :2] < 1)).all(-1)[labelled].all()
     assert (points[~labelled] == 0).all()
+
+
+def test_training_refuses_data_whose_keypoints_do_not_fit_the_model(tmp_path):
+    from dfx.tasks.detection import check_keypoints
+
+    dataset = CocoDetection(tmp_path / "images", small_coco(tmp_path), keypoints=True)
+    check_keypoints(dataset, 3)
+    with pytest.raises(UsageError, match="model.keypoints is 17 but .* has 3 keypoints .*set model.keypoints: 3"):
+        check_keypoints(dataset, 17)
+    dataset.sigmas = None  # a 3-keypoint skeleton whose file gives no sigmas
+    with pytest.raises(UsageError, match="no OKS sigmas .* set data.sigmas"):
+        check_keypoints(dataset, 3)
