@@ -48,7 +48,7 @@ def test_coco_keypoints_become_targets_with_the_datasets_skeleton_and_sigmas(tmp
     assert target["keypoints"][0].tolist() == [[20, 12, 2], [38, 30, 2], [12, 30, 1]]
     assert target["keypoints"][1, 2].tolist() == [0, 0, 0]  # v=0 points are zeroed
     assert dataset.skeleton == [(0, 1), (0, 2)] and dataset.sigmas == [0.05, 0.1, 0.1]
-    assert dataset.flip_perm == [0, 2, 1]
+    assert dataset.flip_perm == [0, 2, 1] and target["area"].tolist() == [600.0, 300.0]
 
 
 def test_a_wrong_keypoint_count_is_a_named_error(tmp_path):
@@ -77,6 +77,7 @@ def test_the_transform_flips_resizes_and_normalises_keypoints_with_the_boxes(tmp
     expected[..., 0] /= 100
     expected[..., 1] /= 80
     assert torch.allclose(out["keypoints"], expected)
+    assert torch.allclose(out["area_norm"], torch.tensor([600.0, 300.0]) / (100 * 80))  # OKS areas, normalised
     box = out["boxes"][0]  # cxcywh of the flipped box [60, 10, 90, 50] / (100, 80)
     assert torch.allclose(box, torch.tensor([0.75, 0.375, 0.3, 0.5]))
     # labelled points of the first person stay inside its flipped box
@@ -142,3 +143,30 @@ def test_ground_truth_poses_have_oks_one_and_a_shifted_pose_less():
     visibility = np.array([[2, 1, 0]])
     assert oks(truth, truth, visibility, np.array([400.0]), np.array([0.1, 0.1, 0.1]))[0, 0] == pytest.approx(1.0)
     assert oks(truth + 3, truth, visibility, np.array([400.0]), np.array([0.1, 0.1, 0.1]))[0, 0] < 0.8
+
+
+def test_a_crop_replaces_the_oks_areas_by_the_cropped_boxes_and_cuts_points(tmp_path):
+    dataset = CocoDetection(tmp_path / "images", small_coco(tmp_path), keypoints=True)
+    image, target = dataset.load(0)
+    torch.manual_seed(0)
+    transform = DetectionTransform(train=True, scales=[50], max_size=1000, hflip=0.0, crop=[50, 50], crop_prob=1.0,
+                                   flip_perm=dataset.flip_perm)
+    _, out = transform(image, target)
+    boxes = out["boxes"]  # cxcywh normalised by the 50 x 50 crop (resized to 50: the same size)
+    assert torch.allclose(out["area_norm"], boxes[:, 2] * boxes[:, 3], atol=1e-6)
+    points = out["keypoints"]
+    labelled = points[..., 2] > 0
+    assert ((points[..., :2] >= 0) & (points[..., :2] < 1)).all(-1)[labelled].all()
+    assert (points[~labelled] == 0).all()
+
+
+def test_training_refuses_data_whose_keypoints_do_not_fit_the_model(tmp_path):
+    from dfx.tasks.detection import check_keypoints
+
+    dataset = CocoDetection(tmp_path / "images", small_coco(tmp_path), keypoints=True)
+    check_keypoints(dataset, 3)
+    with pytest.raises(UsageError, match="model.keypoints is 17 but .* has 3 keypoints .*set model.keypoints: 3"):
+        check_keypoints(dataset, 17)
+    dataset.sigmas = None  # a 3-keypoint skeleton whose file gives no sigmas
+    with pytest.raises(UsageError, match="no OKS sigmas .* set data.sigmas"):
+        check_keypoints(dataset, 3)

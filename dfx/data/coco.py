@@ -10,7 +10,8 @@ contiguous class indices [N] int64, ``image_id``, ``orig_size`` and ``size`` (h,
 With ``masks=True`` (instance segmentation) the target also has ``masks`` uint8 [N, H, W], each
 annotation's ``segmentation`` (polygons, or RLE compressed or not) decoded by ``pycocotools.mask``
 on the image's pixels. With ``keypoints=True`` (pose) the target also has ``keypoints`` float32
-[N, K, 3] (x, y in absolute pixels, visibility 0/1/2), K from the category's ``keypoints`` names;
+[N, K, 3] (x, y in absolute pixels, visibility 0/1/2), K from the category's ``keypoints`` names,
+and ``area`` [N] (the annotations' areas in pixels, for OKS);
 the dataset then knows ``keypoint_names``, ``skeleton`` (0-based pairs), ``flip_perm`` (left <->
 right, from ``flip_pairs`` or the names) and ``sigmas`` (the category's, COCO's for 17, else None).
 Crowd annotations (iscrowd=1) are not targets; they stay in ``coco`` so that COCOeval ignores
@@ -302,11 +303,15 @@ class CocoDetection(Dataset):
         labels: dict[int, list] = {i: [] for i in images}
         self.segments: dict[int, list] = {i: [] for i in images}
         self.poses: dict[int, list] = {i: [] for i in images}
+        self.pose_areas: dict[int, list] = {i: [] for i in images}
         for ann in annotations:
             if ann.get("iscrowd", 0):
                 continue
-            if self.keypoints:
+            if self.keypoints:  # with the annotation's area (OKS divides by it), 0.53 x the box without one
                 self.poses[ann["image_id"]].append(self._pose(ann))
+                area = ann.get("area")
+                self.pose_areas[ann["image_id"]].append(float(area) if is_number(area) and area > 0 else
+                                                        0.53 * ann["bbox"][2] * ann["bbox"][3])
             if self.masks:
                 if not ann.get("segmentation"):
                     raise UsageError(f"annotation {ann.get('id')} in {self.ann_file} has no 'segmentation'; instance "
@@ -370,6 +375,7 @@ class CocoDetection(Dataset):
             poses = self.poses[image_id]
             k = len(self.keypoint_names)
             target["keypoints"] = torch.from_numpy(np.stack(poses) if poses else np.zeros((0, k, 3), np.float32))
+            target["area"] = torch.tensor(self.pose_areas[image_id], dtype=torch.float32)
         return image, target
 
     def __getitem__(self, index: int):

@@ -84,6 +84,9 @@ class DetectionTransform:
         # keypoints [N, K, 3] (absolute x, y, visibility) follow by hand: flip (with the left/right swap),
         # crop (points cut off become v=0) and resize
         points = torch.as_tensor(target["keypoints"], dtype=torch.float32).clone() if "keypoints" in target else None
+        # their areas (pixels, for OKS) scale with resizes; a crop replaces them by the cropped boxes' (ED-Pose)
+        area = (torch.as_tensor(target["area"], dtype=torch.float32).clone()
+                if points is not None and "area" in target else None)
         if self.train:
             if self.color_jitter:
                 from torchvision.transforms import v2
@@ -100,14 +103,19 @@ class DetectionTransform:
                 if self.crop_resize:
                     shorter = self.crop_resize[int(torch.randint(len(self.crop_resize), ()))]
                     size = list(resized_shape(image.height, image.width, shorter, max_size=1 << 30))  # uncapped
+                    area = None if area is None else area * (size[0] * size[1]) / (image.height * image.width)
                     points = _scale_points(points, size[1] / image.width, size[0] / image.height)
                     image, boxes = F.resize(image, size, antialias=True), F.resize(boxes, size)
                     masks = _each(F.resize, masks, size)
                 image, boxes, labels, masks, points = self._random_crop(image, boxes, labels, masks, points)
+                if points is not None:
+                    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
             shorter = self.scales[int(torch.randint(len(self.scales), ()))]
         else:
             shorter = max(self.scales)
         size = list(resized_shape(image.height, image.width, shorter, self.max_size))
+        if area is not None:  # normalised by the image's area (as the keypoints by its sides): resizes keep it
+            area = area / (image.height * image.width)
         points = _scale_points(points, size[1] / image.width, size[0] / image.height)
         image, boxes, masks = F.resize(image, size, antialias=True), F.resize(boxes, size), _each(F.resize, masks, size)
 
@@ -123,6 +131,8 @@ class DetectionTransform:
             out["masks"] = masks.as_subclass(Tensor)
         if points is not None:  # x, y normalised by the output size like the boxes
             out["keypoints"] = torch.cat([points[..., :2] / scale[:2], points[..., 2:]], -1)
+            if area is not None:
+                out["area_norm"] = area.as_subclass(Tensor)
         return tensor, out
 
     def _random_crop(self, image, boxes, labels, masks=None, points=None):

@@ -24,7 +24,7 @@ Matching in the keypoint stage (:func:`pose_cost`) is ED-Pose's: the focal class
 visibility-weighted L1 distance of the normalised keypoints (10) plus 1 - OKS (4), box costs off;
 the losses (:func:`pose_losses`) are the same L1 (weight 10) and the linear OKS loss 1 - OKS (4),
 summed over matched humans and divided by the number of targets. OKS uses the dataset's sigmas and
-an area in normalised units (the target's ``area`` when given, else 0.53 x its box).
+an area in normalised units (the target's ``area_norm`` from the data, else 0.53 x its box).
 """
 
 from __future__ import annotations
