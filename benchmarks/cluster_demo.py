@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=5, help="clustering iterations")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-metric", action="store_true", help="latency and GFLOPs only (no validation pass)")
     parser.add_argument("--results", type=Path)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -63,6 +64,8 @@ def main(argv=None) -> int:
     keys = [key, *(k for k in TASK_METRICS.get(recipe.task, ()) if k != key)]
 
     def metrics(model) -> dict:
+        if args.no_metric:
+            return {}
         values = evaluate(task, model, loader, ctx)
         return {k: float(values[k]) for k in keys if k in values}
 
@@ -104,9 +107,11 @@ def main(argv=None) -> int:
         row["flops_ratio"] = base_flops / 1e9 / row["gflops"]
         row["backbone_flops_ratio"] = base_backbone_flops / count_flops(BackboneOnly(model), image)
         row["drops"] = {k: drop(k, rows["baseline"]["metrics"][k], v) for k, v in row["metrics"].items()}
+        row["backbone_gflops"] = count_flops(BackboneOnly(model), image) / 1e9
     model_name = getattr(recipe.model, "name", None) or recipe.model.backbone
     report = {"run": args.run, "model": model_name, "image_size": size, "threads": args.threads,
-              "repeats": args.repeats, "warmup": args.warmup, "k": args.k, "iters": args.iters, "metric": key, "rows": rows,
+              "repeats": args.repeats, "warmup": args.warmup, "k": args.k, "iters": args.iters, "metric": key,
+              "rows": rows,
               "seconds": time.time() - start, "torch": torch.__version__}
     if args.json:
         print(json.dumps(report))
@@ -128,8 +133,8 @@ def markdown(report: dict, keys: list[str]) -> str:
              "process (robust to the machine's load; the absolute times are loaded ones). Drops in points "
              f"(x100, positive = worse). Temperature auto per variant; k {report['k']}, iters {report['iters']}, "
              "clustering window 5.", "",
-             "| alpha | clusters | " + " | ".join(f"{k} drop" for k in keys) + " | GFLOPs | FLOPs ratio | latency (ms) | "
-             "**speed-up** | backbone speed-up |",
+             "| alpha | clusters | " + " | ".join(f"{k} drop" for k in keys)
+             + " | GFLOPs | FLOPs ratio | latency (ms) | **speed-up** | backbone speed-up |",
              "|---|---|" + "---|" * (len(keys) + 5)]
     for name, row in report["rows"].items():
         drops = " | ".join(f"{row['drops'].get(k, float('nan')):+.2f}" for k in keys)

@@ -595,8 +595,8 @@ def cluster(
                  f"{settings['alpha']} of {settings['depth']}")
         metrics = list(result.get("metric_drops", {}))
         out.print(_side_by_side(title, result, ["latency_ms", "gflops", *metrics]))
-        out.print(_side_by_side("backbone alone", {side: result[side]["backbone"] for side in ("baseline", "clustered")},
-                                ["latency_ms", "gflops"]))
+        backbones = {side: result[side]["backbone"] for side in ("baseline", "clustered")}
+        out.print(_side_by_side("backbone alone", backbones, ["latency_ms", "gflops"]))
         out.print(f"backbone speedup {result['backbone_speedup']:.3f}x (FLOPs ratio "
                   f"{result['backbone_flops_ratio']:.3f}x)", highlight=False)
         fidelity = result["fidelity"]

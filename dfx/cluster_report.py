@@ -168,8 +168,9 @@ def cluster_report(model: str, cluster_ratio: float = 0.5, alpha: int | None = N
             report[name].update({k: float(metrics[k]) for k in keys if k in metrics})
         report["metric"] = key
         lower = recipe.eval.mode == "min"
-        report["metric_drops"] = {k: (report["clustered"][k] - report["baseline"][k]) * 100 * (1 if (
-            k == key and lower) or (k != key and k in LOWER_IS_BETTER) else -1) for k in keys if k in report["clustered"]}
+        worse_up = {k: (k == key and lower) or (k != key and k in LOWER_IS_BETTER) for k in keys}
+        report["metric_drops"] = {k: (report["clustered"][k] - report["baseline"][k]) * 100 * (1 if worse_up[k] else -1)
+                                  for k in keys if k in report["clustered"]}
         report["metric_drop"] = report["metric_drops"][key]
     report.update({"device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
                    "threads": torch.get_num_threads(), "batch": batch, "warmup": warmup, "repeats": repeats})

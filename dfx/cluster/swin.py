@@ -230,8 +230,8 @@ class HourglassSwin:
             raise ValueError(f"clusters={side} is larger than the {ws}x{ws} attention window of the clustered stage: "
                              f"give at most {ws}")
         if config.window > side:
-            raise ValueError(f"window={config.window} does not fit the {side}x{side} clustered grid of a window: window "
-                             f"must be an odd integer in [1, {side}]; lower window, or raise cluster_ratio (clusters)")
+            raise ValueError(f"window={config.window} does not fit the {side}x{side} clustered grid of a window: "
+                             f"window must be an odd integer in [1, {side}]; lower window, or raise cluster_ratio (clusters)")
         return side
 
     def clustered_grid(self, grid: tuple[int, int]) -> tuple[int, int]:

@@ -90,8 +90,8 @@ def hourglass(
     cluster_ratio: share of the H·W patch tokens kept, in (0, 1]; alpha: blocks run at full
     resolution, in [1, depth] (None: max(1, round(0.4 · depth))); iters, temperature, window: passed to
     `token_clustering`; k, temperature: passed to `token_reconstruction`; clusters: a fixed (h, w) grid of
-    centres whatever the input size (Expedit-DPT's "16x16 clusters"), in place of cluster_ratio. The result shares `model`'s
-    weights; `model` itself is not changed. Wrapping a wrapped model replaces its settings.
+    centres whatever the input size (Expedit-DPT's "16x16 clusters"), in place of cluster_ratio. The
+    result shares `model`'s weights; `model` itself is not changed. Wrapping a wrapped model replaces its settings.
     """
     base_class = _vit_class(model)
     depth = len(model.blocks)
