@@ -247,6 +247,7 @@ def test_recipes_load_and_bad_values_are_named(tmp_path):
         load_recipe("recipes/translation-shapes.yaml", ["data.modalities=[reshading]"])
 
 
+@pytest.mark.slow
 def test_one_epoch_fuse_run_reports_the_translation_metrics(tiny_set, tmp_path):
     from conftest import run_dfx
 
