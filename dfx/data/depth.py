@@ -18,8 +18,10 @@ HHA encodings are ordinary 3-channel images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from typing import Literal, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -48,10 +50,25 @@ class DepthFormat:
                              f"{self.max_metres}")
 
 
+@dataclass
 class DepthDataSection:
-    """What a recipe ``data`` section with ``image_size`` (int or [height, width]), ``depth_encoding`` /
-    ``depth_scale`` / ``depth_max`` and ``mean`` / ``std`` fields derives from them and how it checks
-    them (the fusion and depth tasks' sections)."""
+    """The fields the depth, fusion and translation tasks' recipe ``data`` sections share (split
+    files, ``image_size`` as an int or [height, width], the crop augmentation, ``mean`` / ``std``,
+    the depth file format), what derives from them and how they are checked. Each section adds its
+    folders and sets its own ``root``."""
+
+    root: str = ""
+    train_split: str = "train.txt"
+    val_split: str = "val.txt"
+    image_size: Union[int, list[int]] = 64
+    scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
+    hflip: float = 0.5
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    depth_encoding: Literal["linear", "sunrgbd", "nyu-raw"] = "linear"
+    depth_scale: float = 1000.0  # raw units per metre (linear): 1000 millimetres, 5000 TUM RGB-D
+    depth_max: float = 10.0  # metres mapped to 255 in 8-bit files
 
     @property
     def depth(self) -> DepthFormat:

@@ -106,19 +106,8 @@ class DataConfig(DepthDataSection):
     root: str = "shapes-rgbd"
     modalities: list[str] = field(default_factory=lambda: ["rgb", "depth"])
     labels: str = "labels"
-    train_split: str = "train.txt"
-    val_split: str = "val.txt"
     classes: Union[list[str], None] = None  # default: <root>/classes.txt
-    image_size: Union[int, list[int]] = 64
-    scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
-    hflip: float = 0.5
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     normalize: Literal["first", "all"] = "first"
-    depth_encoding: Literal["linear", "sunrgbd", "nyu-raw"] = "linear"
-    depth_scale: float = 1000.0  # raw units per metre (linear): 1000 millimetres, 5000 TUM RGB-D
-    depth_max: float = 10.0  # metres mapped to 255
 
     def validate(self, prefix: str) -> None:
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):

@@ -108,17 +108,7 @@ class DataConfig(DepthDataSection):
     root: str = "shapes-translation"
     modalities: list[str] = field(default_factory=lambda: ["reshading", "edge_texture"])
     target: str = "rgb"
-    train_split: str = "train.txt"
-    val_split: str = "val.txt"
-    image_size: Union[int, list[int]] = 64
     scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
-    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
-    hflip: float = 0.5
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    depth_encoding: Literal["linear", "sunrgbd", "nyu-raw"] = "linear"
-    depth_scale: float = 1000.0
-    depth_max: float = 10.0
 
     def validate(self, prefix: str) -> None:
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
