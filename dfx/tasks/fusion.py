@@ -32,7 +32,7 @@ from dfx.data.segmentation import IGNORE_INDEX
 from dfx.errors import UsageError
 from dfx.models import recipe_classes
 from dfx.weights import load_recipe_weights
-from dfx.fusion.mit import MIT_VARIANTS, MultiModalMiT, load_mit_weights
+from dfx.fusion.mit import MIT_SHARED, MIT_VARIANTS, MultiModalMiT, load_mit_weights
 from dfx.fusion.released import RELEASED_FORMATS, architecture
 from dfx.fusion.segformer import FusionSegmenter
 from dfx.fusion.strategies import FUSIONS, TWO_STREAM
@@ -47,8 +47,9 @@ Variant = Literal["b0", "b1", "b2", "b3", "b4", "b5"]
 
 
 @dataclass
-class ModelConfig(WeightsConfig):
-    """The MiT backbone, the fusion strategy and the decoder.
+class MitModelConfig(WeightsConfig):
+    """The multi-modal MiT and its fusion strategy, shared by the fusion (segmentation) and
+    translation tasks' ``model`` sections.
 
     ``embed_dims`` / ``depths`` / ``num_heads`` / ``mlp_ratios`` / ``sr_ratios`` (four values,
     one per stage) replace the variant's sizes when set. ``pretrained``: an official SegFormer
@@ -64,6 +65,27 @@ class ModelConfig(WeightsConfig):
     mlp_ratios: Union[list[int], None] = None
     sr_ratios: Union[list[int], None] = None
     drop_path_rate: float = 0.1
+
+    def sizes(self) -> dict:
+        names = ("embed_dims", "depths", "num_heads", "mlp_ratios", "sr_ratios")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def check_sizes(self, prefix: str) -> list[int]:
+        """Four positive values per size field, widths divisible by heads; returns the widths."""
+        for name, values in self.sizes().items():
+            if len(values) != 4 or min(values) < 1:
+                raise UsageError(f"{prefix}.{name}: expected four positive values (one per stage), got {values}")
+        dims = self.embed_dims or MIT_VARIANTS[self.variant]["embed_dims"]
+        heads = self.num_heads or MIT_SHARED["num_heads"]
+        if any(d % h for d, h in zip(dims, heads)):
+            raise UsageError(f"{prefix}: embed_dims must divide by num_heads stage by stage, got {dims} / {heads}")
+        return dims
+
+
+@dataclass
+class ModelConfig(MitModelConfig):
+    """The MiT backbone, the fusion strategy (:class:`MitModelConfig`) and the SegFormer decoder."""
+
     decoder_dim: int = 256  # GeminiFusion: 256 on NYUDv2 / SUN RGB-D, 512 on DeLiVER
     dropout: float = 0.1
     stream_loss: float = 1.0  # weight of each stream's own loss (the ensemble's is 1)
@@ -73,19 +95,8 @@ class ModelConfig(WeightsConfig):
     exchange_threshold: float = 0.02  # exchange: tokens scored below are replaced
     exchange_sparsity: float = 0.01  # exchange: weight of the mean-score (L1) penalty
 
-    def sizes(self) -> dict:
-        names = ("embed_dims", "depths", "num_heads", "mlp_ratios", "sr_ratios")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-
     def validate(self, prefix: str) -> None:
-        for name, values in self.sizes().items():
-            if len(values) != 4 or min(values) < 1:
-                raise UsageError(f"{prefix}.{name}: expected four positive values (one per stage), got {values}")
-        dims = self.embed_dims or MIT_VARIANTS[self.variant]["embed_dims"]
-        heads = self.num_heads or [1, 2, 5, 8]
-        bad = [(d, h) for d, h in zip(dims, heads) if d % h]
-        if bad:
-            raise UsageError(f"{prefix}: embed_dims must divide by num_heads stage by stage, got {dims} / {heads}")
+        self.check_sizes(prefix)
         if not 0 <= self.drop_path_rate < 1 or not 0 <= self.dropout < 1:
             raise UsageError(f"{prefix}.drop_path_rate / dropout: expected values in [0, 1)")
 

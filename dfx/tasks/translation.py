@@ -35,20 +35,19 @@ from dfx.data.depth import DepthDataSection
 from dfx.data.translation import TranslationFolder, TranslationTransform
 from dfx.data.translation_eval import TranslationMetrics, frechet_distance, kernel_inception_distance
 from dfx.errors import RunError, UsageError
-from dfx.fusion.mit import MIT_SHARED, MIT_VARIANTS, MultiModalMiT, load_mit_weights
+from dfx.fusion.mit import MultiModalMiT, load_mit_weights
 from dfx.fusion.translation import PatchDiscriminator, TranslationGenerator, Translator
 from dfx.recipe import NON_NEGATIVE, POSITIVE, Range
 from dfx.recipe import EvalConfig as BaseEvalConfig
 from dfx.recipe import TrainConfig
-from dfx.recipe import WeightsConfig
 from dfx.tasks.classification import data_root
-from dfx.tasks.fusion import Fusion, Variant, stream_names
+from dfx.tasks.fusion import MitModelConfig, stream_names
 from dfx.tasks.segmentation import check_crop_augmentation
 from dfx.weights import load_recipe_weights
 
 
 @dataclass
-class ModelConfig(WeightsConfig):
+class ModelConfig(MitModelConfig):
     """The generator's MiT and fusion strategy, its decoder, and the loss.
 
     ``embed_dims`` / ``depths`` / ``num_heads`` / ``mlp_ratios`` / ``sr_ratios`` (four values) replace
@@ -61,34 +60,15 @@ class ModelConfig(WeightsConfig):
                                           "exchange_sparsity": NON_NEGATIVE,
                                           "drop_path_rate": Range(0, 1, high_open=True)}
 
-    fusion: Fusion = "gemini"
-    variant: Variant = "b0"
-    pretrained: Union[str, None] = None
-    embed_dims: Union[list[int], None] = None
-    depths: Union[list[int], None] = None
-    num_heads: Union[list[int], None] = None
-    mlp_ratios: Union[list[int], None] = None
-    sr_ratios: Union[list[int], None] = None
     decoder_depths: Union[list[int], None] = None
-    drop_path_rate: float = 0.1
     gan: bool = True
     l1_weight: float = 100.0  # TokenFusion's gama
     gan_weight: float = 1.0
     exchange_threshold: float = 0.02
     exchange_sparsity: float = 1e-3  # TokenFusion translation's lamda
 
-    def sizes(self) -> dict:
-        names = ("embed_dims", "depths", "num_heads", "mlp_ratios", "sr_ratios")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-
     def validate(self, prefix: str) -> None:
-        for name, values in self.sizes().items():
-            if len(values) != 4 or min(values) < 1:
-                raise UsageError(f"{prefix}.{name}: expected four positive values (one per stage), got {values}")
-        dims = self.embed_dims or MIT_VARIANTS[self.variant]["embed_dims"]
-        heads = self.num_heads or MIT_SHARED["num_heads"]
-        if any(d % h for d, h in zip(dims, heads)):
-            raise UsageError(f"{prefix}: embed_dims must divide by num_heads stage by stage, got {dims} / {heads}")
+        dims = self.check_sizes(prefix)
         if any(d % 4 for d in dims):
             raise UsageError(f"{prefix}.embed_dims: the PixelShuffle decoder needs widths divisible by 4, got {dims}")
         if self.decoder_depths is not None and (len(self.decoder_depths) != 3 or min(self.decoder_depths) < 0):
