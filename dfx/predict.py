@@ -317,13 +317,9 @@ class FusionPredictor(SegmentationPredictor):
         self.depth = data.depth
 
     def load(self, paths):
-        from dfx.data.depth import read_image_array
+        from dfx.data.depth import read_aligned
 
-        images = [read_image_array(p, self.depth) for p in paths]
-        for path, image in zip(paths[1:], images[1:]):
-            if image.shape[:2] != images[0].shape[:2]:
-                raise ValueError(f"{image.shape[1]}x{image.shape[0]} but {paths[0].name} is "
-                                 f"{images[0].shape[1]}x{images[0].shape[0]}; modalities must be aligned")
+        images = read_aligned(paths, self.depth)
         tensor, _ = self.transform(images, np.zeros(images[0].shape[:2], dtype=np.uint8))
         return images[0].clip(0, 255).astype(np.uint8), tensor  # [M, 3, h, w]
 

@@ -30,13 +30,9 @@ class TranslationPredictor:
         self.depth = data.depth
 
     def load(self, paths):
-        from dfx.data.depth import read_image_array
+        from dfx.data.depth import read_aligned
 
-        images = [read_image_array(p, self.depth) for p in paths]
-        for path, image in zip(paths[1:], images[1:]):
-            if image.shape[:2] != images[0].shape[:2]:
-                raise ValueError(f"{image.shape[1]}x{image.shape[0]} but {paths[0].name} is "
-                                 f"{images[0].shape[1]}x{images[0].shape[0]}; modalities must be aligned")
+        images = read_aligned(paths, self.depth)
         inputs, _ = self.transform(images, np.zeros_like(images[0]))
         sheet = np.concatenate([image.clip(0, 255).astype(np.uint8) for image in images], axis=1)
         return sheet, inputs

@@ -90,6 +90,17 @@ class DepthDataSection:
                              f"metres), got {self.depth_scale} / {self.depth_max}")
 
 
+def read_aligned(paths: list[Path], depth: DepthFormat = DepthFormat()) -> list[np.ndarray]:
+    """The modality images of one sample (:func:`read_image_array` each); ValueError naming the
+    sizes when they are not all the size of the first."""
+    images = [read_image_array(p, depth) for p in paths]
+    for image in images[1:]:
+        if image.shape[:2] != images[0].shape[:2]:
+            raise ValueError(f"{image.shape[1]}x{image.shape[0]} but {Path(paths[0]).name} is "
+                             f"{images[0].shape[1]}x{images[0].shape[0]}; modalities must be aligned")
+    return images
+
+
 def raw_to_metres(raw: np.ndarray, depth: DepthFormat) -> np.ndarray:
     """``[H, W]`` raw values (as PIL reads them) -> float32 metres, 0 where there is no depth."""
     if depth.encoding == "nyu-raw":

@@ -135,14 +135,7 @@ class MultiModalTransform:
 
     def __init__(self, size: tuple[int, int], training: bool, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
                  hflip: float = 0.5, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), normalize: str = "first"):
-        from torchvision.transforms import v2
-
-        size = tuple(size)
-        if training:
-            self.geometry = v2.Compose([v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),
-                                                             antialias=True), v2.RandomHorizontalFlip(hflip)])
-        else:
-            self.geometry = v2.Resize(size, antialias=True)
+        self.geometry = aligned_geometry(size, training, scale, ratio, hflip)
         if normalize not in NORMALIZE:
             raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
         self.normalize = normalize
@@ -162,6 +155,18 @@ class MultiModalTransform:
         else:
             image_out = torch.cat([(image_out[:1] - self.mean) / self.std, image_out[1:]])
         return image_out, label_out.as_subclass(torch.Tensor).long()
+
+
+def aligned_geometry(size, training: bool, scale, ratio, hflip: float):
+    """The geometric augmentation every modality of a sample goes through together: a random
+    resized crop and flip in training, a resize to ``size`` otherwise."""
+    from torchvision.transforms import v2
+
+    size = tuple(size)
+    if training:
+        return v2.Compose([v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
+                           v2.RandomHorizontalFlip(hflip)])
+    return v2.Resize(size, antialias=True)
 
 
 NORMALIZE = ("first", "all")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dfx.data.depth import DepthFormat, read_image_array
-from dfx.data.multimodal import MultiModalFolder
+from dfx.data.multimodal import MultiModalFolder, aligned_geometry
 from dfx.errors import UsageError
 
 
@@ -70,14 +70,7 @@ class TranslationTransform:
 
     def __init__(self, size: tuple[int, int], training: bool, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
                  hflip: float = 0.5, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
-        from torchvision.transforms import v2
-
-        size = tuple(size)
-        if training:
-            self.geometry = v2.Compose([v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),
-                                                             antialias=True), v2.RandomHorizontalFlip(hflip)])
-        else:
-            self.geometry = v2.Resize(size, antialias=True)
+        self.geometry = aligned_geometry(size, training, scale, ratio, hflip)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
